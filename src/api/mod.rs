@@ -1,0 +1,394 @@
+//! The HTTP API (`/v1`), built with axum. [`router`] makes the app; `server.rs` serves it.
+//!
+//! Handlers validate everything before they call the registry, so bad input changes nothing.
+//! A successful `PUT` returns after the registry has made the node durable and visible in DNS.
+
+pub mod error;
+pub mod model;
+pub mod session;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::registry::{
+    parse_service, Label, NodeKey, NodeSpec, Registry, DEFAULT_TTL, MAX_TTL, MIN_TTL,
+};
+use error::ApiError;
+use model::{NodeOut, RegisterBody, RoleOut, RolesOut};
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// Longest blocking query (`wait`) honoured; longer waits are cut to this.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+
+/// Access rules for the API.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// Bearer token required for writes (and reads with `token_reads`).
+    pub token: Option<Arc<str>>,
+    pub token_reads: bool,
+    /// When non-empty, both the peer and the registered address must be inside one of these.
+    pub allow_register: Vec<IpNet>,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    pub access: Arc<Access>,
+    /// Fires when the server stops: sessions then end without deregistering anyone.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// The whole API as a router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/roles", get(roles_list))
+        .route("/v1/roles/{role}", get(role_get))
+        .route(
+            "/v1/roles/{role}/nodes/{node}",
+            put(node_put).delete(node_delete).get(node_get),
+        )
+        .route(
+            "/v1/roles/{role}/nodes/{node}/session",
+            get(session::session),
+        )
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::not_found("no such endpoint: see the HTTP API section of the README")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Bearer-token check for writes (and reads with `--token-reads`), in constant time.
+async fn authorize(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.access.token {
+        let write = !matches!(*req.method(), Method::GET | Method::HEAD)
+            || req.uri().path().ends_with("/session");
+        let exempt = req.uri().path() == "/healthz";
+        if (write || state.access.token_reads) && !exempt {
+            let given = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong token: send 'Authorization: Bearer <token>' (the server's --token)",
+                )
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in b.iter().enumerate() {
+        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+pub(crate) fn parse_key(role: &str, node: &str) -> Result<NodeKey, ApiError> {
+    Ok(NodeKey {
+        role: parse_role(role)?,
+        node: Label::parse(node)
+            .map_err(|e| ApiError::bad_request(format!("node name {node:?} {e}")))?,
+    })
+}
+
+fn parse_role(role: &str) -> Result<Label, ApiError> {
+    Label::parse(role).map_err(|e| ApiError::bad_request(format!("role name {role:?} {e}")))
+}
+
+/// The peer's address, with IPv4-mapped IPv6 addresses turned back into IPv4.
+fn peer_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        ip => ip,
+    }
+}
+
+/// Checks `--allow-register` for the peer and the address being registered.
+fn check_allowed(access: &Access, peer: IpAddr, addr: IpAddr) -> Result<(), ApiError> {
+    if access.allow_register.is_empty() {
+        return Ok(());
+    }
+    for (what, ip) in [("your address", peer), ("the registered address", addr)] {
+        if !access.allow_register.iter().any(|net| net.contains(&ip)) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{what} {ip} is outside the networks allowed to register (--allow-register)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Turns a register body into a validated spec; every error names the field.
+pub fn parse_spec(body: RegisterBody, peer: IpAddr) -> Result<NodeSpec, ApiError> {
+    let addr = match body.addr {
+        None => peer,
+        Some(a) => a.trim().parse::<IpAddr>().map_err(|_| {
+            ApiError::bad_request(format!("addr {a:?} is not an IPv4 or IPv6 address"))
+        })?,
+    };
+    if addr.is_unspecified() || addr.is_multicast() || addr == IpAddr::from([255, 255, 255, 255]) {
+        return Err(ApiError::bad_request(format!(
+            "addr {addr} cannot be served: give the node's unicast address"
+        )));
+    }
+    let port = match body.port {
+        None => None,
+        Some(p @ 1..=65535) => Some(p as u16),
+        Some(p) => {
+            return Err(ApiError::bad_request(format!(
+                "port {p} is out of range: use 1 to 65535"
+            )))
+        }
+    };
+    let service = parse_service(body.service.as_deref().unwrap_or("http")).map_err(|e| {
+        ApiError::bad_request(format!(
+            "service {:?} {e}",
+            body.service.unwrap_or_default()
+        ))
+    })?;
+    let ttl = body.ttl.unwrap_or(u64::from(DEFAULT_TTL));
+    if !(u64::from(MIN_TTL)..=u64::from(MAX_TTL)).contains(&ttl) {
+        return Err(ApiError::bad_request(format!(
+            "ttl {ttl} is out of range: use {MIN_TTL} to {MAX_TTL} seconds"
+        )));
+    }
+    let weight = body.weight.unwrap_or(1);
+    if weight > 65535 {
+        return Err(ApiError::bad_request(format!(
+            "weight {weight} is out of range: use 0 to 65535"
+        )));
+    }
+    let mut meta = BTreeMap::new();
+    for (k, v) in body.meta.unwrap_or_default() {
+        let serde_json::Value::String(s) = v else {
+            return Err(ApiError::bad_request(format!("meta.{k} must be a string")));
+        };
+        meta.insert(k, s);
+    }
+    Ok(NodeSpec {
+        addr,
+        port,
+        service,
+        ttl: ttl as u32,
+        weight: weight as u16,
+        meta,
+    })
+}
+
+/// Reads a JSON body; an empty body is `{}`.
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<RegisterBody, ApiError> {
+    let body = body.map_err(|r| {
+        let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                format!("the body is larger than {} KiB", BODY_LIMIT / 1024),
+            )
+        } else {
+            ApiError::new(status, format!("cannot read the body: {r}"))
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RegisterBody::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("the body is not a valid register request: {e}"))
+    })
+}
+
+async fn node_put(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((role, node)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<NodeOut>, ApiError> {
+    let key = parse_key(&role, &node)?;
+    let peer = peer_ip(peer);
+    let spec = parse_spec(parse_body(body)?, peer)?;
+    check_allowed(&state.access, peer, spec.addr)?;
+    let info = state.registry.put(key, spec).await?;
+    Ok(Json(NodeOut::from(&info)))
+}
+
+async fn node_delete(
+    State(state): State<AppState>,
+    Path((role, node)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let key = parse_key(&role, &node)?;
+    if state.registry.delete(key).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "node {node} is not registered under role {role}"
+        )))
+    }
+}
+
+async fn node_get(
+    State(state): State<AppState>,
+    Path((role, node)): Path<(String, String)>,
+) -> Result<Json<NodeOut>, ApiError> {
+    let key = parse_key(&role, &node)?;
+    let info = state.registry.role(key.role.clone()).await?;
+    info.nodes
+        .iter()
+        .find(|n| n.key == key)
+        .map(|n| Json(NodeOut::from(n)))
+        .ok_or_else(|| {
+            ApiError::not_found(format!("node {node} is not registered under role {role}"))
+        })
+}
+
+async fn roles_list(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let (index, roles) = state.registry.roles().await?;
+    let body = RolesOut {
+        index,
+        roles: roles.into_iter().map(|(r, n)| (r.to_string(), n)).collect(),
+    };
+    Ok(with_index(index, Json(body)))
+}
+
+#[derive(Deserialize)]
+struct BlockingParams {
+    index: Option<String>,
+    wait: Option<String>,
+}
+
+async fn role_get(
+    State(state): State<AppState>,
+    Path(role): Path<String>,
+    Query(params): Query<BlockingParams>,
+) -> Result<Response, ApiError> {
+    let role = parse_role(&role)?;
+    let info = match params.index {
+        None => state.registry.role(role).await?,
+        Some(index) => {
+            let index: u64 = index.parse().map_err(|_| {
+                ApiError::bad_request(format!("index {index:?} is not a non-negative integer"))
+            })?;
+            let wait = params
+                .wait
+                .as_deref()
+                .map(parse_wait)
+                .transpose()?
+                .unwrap_or(DEFAULT_WAIT)
+                .min(MAX_WAIT);
+            state.registry.role_after(role, index, wait).await?
+        }
+    };
+    let body = RoleOut {
+        index: info.index,
+        nodes: info.nodes.iter().map(NodeOut::from).collect(),
+    };
+    Ok(with_index(info.index, Json(body)))
+}
+
+/// `30s`, `500ms`, `2m`, or a bare number of seconds.
+pub fn parse_wait(s: &str) -> Result<Duration, ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "wait {s:?} is not a duration: use e.g. 30s, 500ms or 2m"
+        ))
+    };
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs.min(MAX_WAIT.as_secs_f64())))
+}
+
+fn with_index(index: u64, body: impl IntoResponse) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-rollcall-index", HeaderValue::from(index));
+    (headers, body).into_response()
+}
+
+async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let (index, roles) = state.registry.roles().await?;
+    Ok(Json(
+        serde_json::json!({ "status": "ok", "index": index, "roles": roles.len() }),
+    ))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    use std::fmt::Write;
+    let (index, roles) = state.registry.roles().await?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP rollcall_build_info Version of the running rollcall."
+    );
+    let _ = writeln!(out, "# TYPE rollcall_build_info gauge");
+    let _ = writeln!(
+        out,
+        "rollcall_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = writeln!(
+        out,
+        "# HELP rollcall_index Generation index of the registry."
+    );
+    let _ = writeln!(out, "# TYPE rollcall_index counter");
+    let _ = writeln!(out, "rollcall_index {index}");
+    let _ = writeln!(out, "# HELP rollcall_nodes Live nodes per role.");
+    let _ = writeln!(out, "# TYPE rollcall_nodes gauge");
+    for (role, n) in roles {
+        let _ = writeln!(out, "rollcall_nodes{{role=\"{role}\"}} {n}");
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,161 @@
+//! Validated settings, built once from the raw flags. Every error here is a usage error
+//! (exit code 2) that names the flag and says what would be accepted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hickory_proto::rr::Name;
+use ipnet::IpNet;
+
+use crate::api::Access;
+use crate::cli::ServeArgs;
+use crate::registry::Limits;
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub dns_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub zone: Name,
+    pub zones_dir: PathBuf,
+    /// None: memory only.
+    pub data_dir: Option<PathBuf>,
+    pub record_ttl: u32,
+    pub negative_ttl: u32,
+    pub ns_name: Name,
+    pub dns_threads: usize,
+    pub access: Access,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(s: impl Into<String>) -> ConfigError {
+    ConfigError(s.into())
+}
+
+pub fn parse_addr(flag: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        err(format!(
+            "--{flag} {s:?} is not an address:port (e.g. 127.0.0.1:1053 or [::1]:1053)"
+        ))
+    })
+}
+
+pub fn read_token(
+    token: Option<String>,
+    file: Option<&PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    let token = match (token, file) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(format!("--token-file {}: {e}", path.display())))?;
+            Some(text.lines().next().unwrap_or("").trim().to_owned())
+        }
+        (None, None) => None,
+    };
+    match token {
+        Some(t) if t.is_empty() => Err(err(
+            "the token is empty: give a non-empty --token or --token-file",
+        )),
+        t => Ok(t),
+    }
+}
+
+impl ServeConfig {
+    pub fn from_args(a: ServeArgs) -> Result<ServeConfig, ConfigError> {
+        let zone = Name::from_ascii(&a.zone)
+            .map(|mut z| {
+                z.set_fqdn(true);
+                z.to_lowercase()
+            })
+            .map_err(|e| err(format!("--zone {:?} is not a domain name: {e}", a.zone)))?;
+        if zone.is_root() {
+            return Err(err(
+                "--zone cannot be the root zone: use a zone such as cluster.",
+            ));
+        }
+        let ns_name = match &a.ns_name {
+            Some(n) => Name::from_ascii(n)
+                .map(|mut z| {
+                    z.set_fqdn(true);
+                    z
+                })
+                .map_err(|e| err(format!("--ns-name {n:?} is not a domain name: {e}")))?,
+            None => Name::from_ascii("ns")
+                .unwrap()
+                .append_domain(&zone)
+                .map_err(|e| err(e.to_string()))?,
+        };
+        if a.record_ttl == 0 || a.record_ttl > 86_400 {
+            return Err(err(format!(
+                "--record-ttl {} is out of range: use 1 to 86400 seconds",
+                a.record_ttl
+            )));
+        }
+        if a.negative_ttl > 86_400 {
+            return Err(err(format!(
+                "--negative-ttl {} is out of range: use 0 to 86400 seconds",
+                a.negative_ttl
+            )));
+        }
+        let allow_register = a
+            .allow_register
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        err(format!(
+                            "--allow-register {s:?} is not a network (e.g. 10.0.0.0/8)"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let token = read_token(a.token, a.token_file.as_ref())?;
+        let dns_threads = match a.dns_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Ok(ServeConfig {
+            dns_listen: parse_addr("dns-listen", &a.dns_listen)?,
+            http_listen: parse_addr("http-listen", &a.http_listen)?,
+            zone,
+            zones_dir: a.zones,
+            data_dir: (!a.data_dir.as_os_str().is_empty()).then_some(a.data_dir),
+            record_ttl: a.record_ttl,
+            negative_ttl: a.negative_ttl,
+            ns_name,
+            dns_threads,
+            access: Access {
+                token: token.map(Arc::from),
+                token_reads: a.token_reads,
+                allow_register,
+            },
+            limits: Limits {
+                max_nodes: a.max_nodes,
+                max_nodes_per_role: a.max_nodes_per_role,
+            },
+        })
+    }
+
+    /// Settings for tests and benchmarks: loopback, port 0, memory only, no zone files.
+    pub fn for_tests() -> ServeConfig {
+        ServeConfig {
+            dns_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            zone: Name::from_ascii("cluster.").unwrap(),
+            zones_dir: PathBuf::from("/nonexistent-rollcall-zones"),
+            data_dir: None,
+            record_ttl: 5,
+            negative_ttl: 1,
+            ns_name: Name::from_ascii("ns.cluster.").unwrap(),
+            dns_threads: 1,
+            access: Access::default(),
+            limits: Limits::default(),
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The authoritative DNS server.
+//!
+//! - `snapshot.rs`: the immutable answer set and the builder that publishes it;
+//! - `wire.rs`: the query path (bytes in, bytes out) shared by UDP and TCP;
+//! - `udp.rs`: one `SO_REUSEPORT` socket per thread, a tight receive-answer-send loop;
+//! - `tcp.rs`: tokio tasks, one per connection, length-prefixed messages;
+//! - `zones.rs`: static zone files.
+//!
+//! Nothing here takes a lock while answering: readers load the current [`Snapshot`] from an
+//! `ArcSwap` that only the [`Builder`] stores into.
+
+pub mod snapshot;
+pub mod tcp;
+pub mod udp;
+pub mod wire;
+pub mod zones;
+
+pub use snapshot::{Builder, Snapshot, ZoneSettings};

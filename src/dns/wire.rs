@@ -1,0 +1,491 @@
+//! The query path: one datagram (or TCP message) in, one response out, answered from a
+//! [`Snapshot`]. No locks, no heap allocation on the common path (the caller owns `out`), and
+//! no panics on any input: every index is checked.
+//!
+//! Positive answers are copies of pre-encoded templates with the ID, the RD bit and the
+//! question bytes (the client's letter case) patched in. Negative answers are assembled from
+//! the question and the zone's pre-encoded SOA. PTR answers for registered addresses are the
+//! one rare path that searches (all roles) and encodes on the fly.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::snapshot::{Entry, RoleData, Snapshot, Template, Zone, TYPE_CNAME, TYPE_PTR};
+
+pub const RCODE_NOERROR: u8 = 0;
+pub const RCODE_FORMERR: u8 = 1;
+pub const RCODE_NXDOMAIN: u8 = 3;
+pub const RCODE_NOTIMP: u8 = 4;
+pub const RCODE_REFUSED: u8 = 5;
+
+const TYPE_OPT: u16 = 41;
+const TYPE_IXFR: u16 = 251;
+const TYPE_AXFR: u16 = 252;
+const TYPE_ANY: u16 = 255;
+const CLASS_IN: u16 = 1;
+const CLASS_ANY: u16 = 255;
+
+/// The payload size rollcall advertises and the most it sends over UDP (DNS flag day 2020).
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+const OPT_LEN: usize = 11;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What [`answer`] did, for counters and tests.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Outcome {
+    /// Nothing to send (a response packet, a runt).
+    Drop,
+    Answered {
+        rcode: u8,
+        truncated: bool,
+    },
+}
+
+/// A parsed question: the name in lower case plus where its labels start.
+struct Question {
+    name: [u8; 256],
+    len: usize,
+    labels: [u8; 128],
+    nlabels: usize,
+    qtype: u16,
+    qclass: u16,
+    /// End of the question in the query (offset 12 + name + 4).
+    end: usize,
+}
+
+struct Edns {
+    payload: u16,
+    version: u8,
+}
+
+/// Answers the query in `q` into `out` (cleared first). `rotation` is the caller's round-robin
+/// counter (one per thread or connection); it is advanced for multi-record answers.
+pub fn answer(
+    snap: &Snapshot,
+    q: &[u8],
+    out: &mut Vec<u8>,
+    transport: Transport,
+    rotation: &mut u32,
+) -> Outcome {
+    out.clear();
+    if q.len() < 12 || q[2] & 0x80 != 0 {
+        return Outcome::Drop;
+    }
+    let opcode = (q[2] >> 3) & 0x0f;
+    let qdcount = u16::from_be_bytes([q[4], q[5]]);
+    if opcode != 0 {
+        return header_only(q, out, RCODE_NOTIMP);
+    }
+    if qdcount != 1 {
+        return header_only(q, out, RCODE_FORMERR);
+    }
+    let Some(question) = parse_question(q) else {
+        return header_only(q, out, RCODE_FORMERR);
+    };
+    let edns = match parse_edns(q, question.end) {
+        Ok(e) => e,
+        Err(()) => return header_only(q, out, RCODE_FORMERR),
+    };
+    let limit = match (transport, &edns) {
+        (Transport::Tcp, _) => usize::from(u16::MAX),
+        (Transport::Udp, None) => 512,
+        (Transport::Udp, Some(e)) => usize::from(e.payload.clamp(512, MAX_UDP_PAYLOAD)),
+    };
+    let opt = edns.is_some();
+    if edns.as_ref().is_some_and(|e| e.version > 0) {
+        // BADVERS (16): upper 8 bits of the extended rcode live in the OPT record.
+        start_response(q, &question, out, RCODE_NOERROR);
+        push_opt(out, 1);
+        return Outcome::Answered {
+            rcode: 16,
+            truncated: false,
+        };
+    }
+    if question.qtype == TYPE_OPT {
+        return respond(q, &question, out, RCODE_FORMERR, opt);
+    }
+    if question.qclass != CLASS_IN && question.qclass != CLASS_ANY {
+        return respond(q, &question, out, RCODE_REFUSED, opt);
+    }
+
+    let name = &question.name[..question.len];
+    let Some((zone, apex_label)) = find_zone(snap, &question) else {
+        if question.qtype == TYPE_PTR || question.qtype == TYPE_ANY {
+            if let Some(addr) = reverse_addr(&question) {
+                return answer_ptr(snap, q, &question, addr, out, limit, opt);
+            }
+        }
+        return respond(q, &question, out, RCODE_REFUSED, opt);
+    };
+    if question.qtype == TYPE_AXFR || question.qtype == TYPE_IXFR {
+        return respond(q, &question, out, RCODE_REFUSED, opt);
+    }
+
+    // Look the name up: apex, then the role's table, then the zone's static names.
+    let dynamic: Option<&Entry> = if zone.dynamic && apex_label > 0 {
+        let role_at = usize::from(question.labels[apex_label - 1]);
+        let role_len = usize::from(name[role_at]);
+        snap.roles
+            .get(&name[role_at + 1..role_at + 1 + role_len])
+            .and_then(|r: &std::sync::Arc<RoleData>| r.names.get(name))
+    } else {
+        None
+    };
+    let fixed: Option<&Entry> = if apex_label == 0 {
+        Some(&zone.apex_entry)
+    } else {
+        zone.names.get(name)
+    };
+    if dynamic.is_none() && fixed.is_none() {
+        return negative(q, &question, zone, apex_label, out, RCODE_NXDOMAIN, opt);
+    }
+    match pick(dynamic, question.qtype, rotation).or_else(|| pick(fixed, question.qtype, rotation))
+    {
+        Some(t) => from_template(q, &question, t, out, limit, opt),
+        None => negative(q, &question, zone, apex_label, out, RCODE_NOERROR, opt),
+    }
+}
+
+/// The template answering `qtype` at an entry: the RRset of that type, else a CNAME, else for
+/// ANY the first RRset only (RFC 8482).
+fn pick<'e>(entry: Option<&'e Entry>, qtype: u16, rotation: &mut u32) -> Option<&'e Template> {
+    let e = entry?;
+    let set = if qtype == TYPE_ANY {
+        e.sets.first()
+    } else {
+        e.get(qtype).or_else(|| e.get(TYPE_CNAME))
+    }?;
+    let n = set.rotations.len();
+    let t = set.rotations.get(*rotation as usize % n)?;
+    if n > 1 {
+        *rotation = rotation.wrapping_add(1);
+    }
+    Some(t)
+}
+
+fn parse_question(q: &[u8]) -> Option<Question> {
+    let mut question = Question {
+        name: [0; 256],
+        len: 0,
+        labels: [0; 128],
+        nlabels: 0,
+        qtype: 0,
+        qclass: 0,
+        end: 0,
+    };
+    let mut pos = 12;
+    loop {
+        let len = usize::from(*q.get(pos)?);
+        if len & 0xc0 != 0 {
+            return None; // compression (or the reserved label types) in a question: not from a real client
+        }
+        if question.len + len + 1 > 255 || question.nlabels >= 127 {
+            return None;
+        }
+        question.labels[question.nlabels] = question.len as u8;
+        question.nlabels += 1;
+        question.name[question.len] = len as u8;
+        let label = q.get(pos + 1..pos + 1 + len)?;
+        for (dst, src) in question.name[question.len + 1..question.len + 1 + len]
+            .iter_mut()
+            .zip(label)
+        {
+            *dst = src.to_ascii_lowercase();
+        }
+        question.len += len + 1;
+        pos += len + 1;
+        if len == 0 {
+            break;
+        }
+    }
+    // The root label was counted as a label; drop it from the label list.
+    question.nlabels -= 1;
+    let tail = q.get(pos..pos + 4)?;
+    question.qtype = u16::from_be_bytes([tail[0], tail[1]]);
+    question.qclass = u16::from_be_bytes([tail[2], tail[3]]);
+    question.end = pos + 4;
+    Some(question)
+}
+
+/// Walks the answer, authority and additional sections for an OPT record.
+fn parse_edns(q: &[u8], mut pos: usize) -> Result<Option<Edns>, ()> {
+    let count = |i: usize| u16::from_be_bytes([q[i], q[i + 1]]) as usize;
+    let (an, ns, ar) = (count(6), count(8), count(10));
+    let mut edns = None;
+    for i in 0..an + ns + ar {
+        // Owner name: labels, ending in a root label or a pointer.
+        loop {
+            let len = *q.get(pos).ok_or(())?;
+            if len & 0xc0 == 0xc0 {
+                pos += 2;
+                break;
+            }
+            if len & 0xc0 != 0 {
+                return Err(());
+            }
+            pos += usize::from(len) + 1;
+            if len == 0 {
+                break;
+            }
+        }
+        let fixed = q.get(pos..pos + 10).ok_or(())?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let class = u16::from_be_bytes([fixed[2], fixed[3]]);
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        if rtype == TYPE_OPT {
+            if i < an + ns || edns.is_some() {
+                return Err(());
+            }
+            edns = Some(Edns {
+                payload: class,
+                version: fixed[5],
+            });
+        }
+        pos += 10 + rdlen;
+        if pos > q.len() {
+            return Err(());
+        }
+    }
+    Ok(edns)
+}
+
+/// The most specific served zone containing the name, and the index of its apex's first label
+/// in the question (0: the name is the apex).
+fn find_zone<'s>(snap: &'s Snapshot, question: &Question) -> Option<(&'s Zone, usize)> {
+    let name = &question.name[..question.len];
+    for zone in &snap.zones {
+        let apex = &zone.apex[..];
+        if apex.len() > name.len() || !name.ends_with(apex) {
+            continue;
+        }
+        let at = name.len() - apex.len();
+        if at == 0 {
+            return Some((zone, 0));
+        }
+        if let Some(i) = question.labels[..question.nlabels]
+            .iter()
+            .position(|&l| usize::from(l) == at)
+        {
+            return Some((zone, i));
+        }
+    }
+    None
+}
+
+/// Header for a response: ID, QR, opcode and RD from the query; AA; the given rcode.
+fn write_header(q: &[u8], out: &mut Vec<u8>, rcode: u8, aa: bool, counts: [u16; 4]) {
+    out.extend_from_slice(&q[..2]);
+    out.push(0x80 | (q[2] & 0x79) | if aa { 0x04 } else { 0 });
+    out.push(rcode);
+    for c in counts {
+        out.extend_from_slice(&c.to_be_bytes());
+    }
+}
+
+fn header_only(q: &[u8], out: &mut Vec<u8>, rcode: u8) -> Outcome {
+    write_header(q, out, rcode, false, [0; 4]);
+    Outcome::Answered {
+        rcode,
+        truncated: false,
+    }
+}
+
+fn start_response(q: &[u8], question: &Question, out: &mut Vec<u8>, rcode: u8) {
+    write_header(q, out, rcode, false, [1, 0, 0, 0]);
+    out.extend_from_slice(&q[12..question.end]);
+}
+
+/// A response with the question and no records (REFUSED, FORMERR).
+fn respond(q: &[u8], question: &Question, out: &mut Vec<u8>, rcode: u8, opt: bool) -> Outcome {
+    start_response(q, question, out, rcode);
+    if opt {
+        push_opt(out, 0);
+    }
+    Outcome::Answered {
+        rcode,
+        truncated: false,
+    }
+}
+
+/// Appends an OPT record and counts it in ARCOUNT.
+fn push_opt(out: &mut Vec<u8>, ext_rcode: u8) {
+    let p = MAX_UDP_PAYLOAD.to_be_bytes();
+    out.extend_from_slice(&[0, 0, 41, p[0], p[1], ext_rcode, 0, 0, 0, 0, 0]);
+    let ar = u16::from_be_bytes([out[10], out[11]]) + 1;
+    out[10..12].copy_from_slice(&ar.to_be_bytes());
+}
+
+/// NXDOMAIN or NODATA: the question plus the zone's SOA in the authority section, its owner a
+/// pointer to the apex inside the question.
+fn negative(
+    q: &[u8],
+    question: &Question,
+    zone: &Zone,
+    apex_label: usize,
+    out: &mut Vec<u8>,
+    rcode: u8,
+    opt: bool,
+) -> Outcome {
+    write_header(q, out, rcode, true, [1, 0, 1, 0]);
+    out.extend_from_slice(&q[12..question.end]);
+    let apex_at = if apex_label == 0 {
+        0
+    } else {
+        usize::from(question.labels[apex_label])
+    };
+    let apex_at = if question.len == zone.apex.len() {
+        0
+    } else {
+        apex_at
+    };
+    out.extend_from_slice(&(0xC000u16 | (12 + apex_at) as u16).to_be_bytes());
+    out.extend_from_slice(&zone.soa_tail);
+    if opt {
+        push_opt(out, 0);
+    }
+    Outcome::Answered {
+        rcode,
+        truncated: false,
+    }
+}
+
+fn from_template(
+    q: &[u8],
+    question: &Question,
+    t: &Template,
+    out: &mut Vec<u8>,
+    limit: usize,
+    opt: bool,
+) -> Outcome {
+    let extra = if opt { OPT_LEN } else { 0 };
+    let bytes = &t.bytes[..];
+    if bytes.len() < question.end
+        || bytes.len() + extra > limit && usize::from(t.answer_end) + extra > limit
+    {
+        // The answers do not fit: header and question only, TC set. The client retries over TCP.
+        write_header(q, out, RCODE_NOERROR, true, [1, 0, 0, 0]);
+        out[2] |= 0x02;
+        out.extend_from_slice(&q[12..question.end]);
+        if opt {
+            push_opt(out, 0);
+        }
+        return Outcome::Answered {
+            rcode: RCODE_NOERROR,
+            truncated: true,
+        };
+    }
+    let mut end = bytes.len();
+    let mut additionals = t.additional_ends.len();
+    if end + extra > limit {
+        // Keep every answer, and as many additional records as fit (no TC: nothing needed is missing).
+        additionals = t
+            .additional_ends
+            .iter()
+            .take_while(|&&e| usize::from(e) + extra <= limit)
+            .count();
+        end = if additionals == 0 {
+            usize::from(t.answer_end)
+        } else {
+            usize::from(t.additional_ends[additionals - 1])
+        };
+    }
+    out.extend_from_slice(&bytes[..end]);
+    out[..2].copy_from_slice(&q[..2]);
+    out[2] = 0x84 | (q[2] & 0x01);
+    out[3] = RCODE_NOERROR;
+    out[10..12].copy_from_slice(&(additionals as u16).to_be_bytes());
+    out[12..question.end].copy_from_slice(&q[12..question.end]);
+    if opt {
+        push_opt(out, 0);
+    }
+    Outcome::Answered {
+        rcode: RCODE_NOERROR,
+        truncated: false,
+    }
+}
+
+/// `4.3.2.1.in-addr.arpa.` / 32 nibbles `.ip6.arpa.` -> the address.
+fn reverse_addr(question: &Question) -> Option<IpAddr> {
+    let name = &question.name[..question.len];
+    let labels: Vec<&[u8]> = (0..question.nlabels)
+        .map(|i| {
+            let at = usize::from(question.labels[i]);
+            &name[at + 1..at + 1 + usize::from(name[at])]
+        })
+        .collect();
+    match labels.as_slice() {
+        [d, c, b, a, in_addr, arpa] if in_addr == b"in-addr" && arpa == b"arpa" => {
+            let octet = |l: &[u8]| std::str::from_utf8(l).ok()?.parse::<u8>().ok();
+            Some(IpAddr::V4(Ipv4Addr::new(
+                octet(a)?,
+                octet(b)?,
+                octet(c)?,
+                octet(d)?,
+            )))
+        }
+        [nibbles @ .., ip6, arpa] if nibbles.len() == 32 && ip6 == b"ip6" && arpa == b"arpa" => {
+            let mut v = 0u128;
+            for l in nibbles.iter().rev() {
+                let [c] = l else { return None };
+                v = v << 4 | u128::from((*c as char).to_digit(16)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(v)))
+        }
+        _ => None,
+    }
+}
+
+/// PTR for a registered address: every node with that address, named `node.role.zone`.
+fn answer_ptr(
+    snap: &Snapshot,
+    q: &[u8],
+    question: &Question,
+    addr: IpAddr,
+    out: &mut Vec<u8>,
+    limit: usize,
+    opt: bool,
+) -> Outcome {
+    let mut found = 0u16;
+    write_header(q, out, RCODE_NOERROR, true, [1, 0, 0, 0]);
+    out.extend_from_slice(&q[12..question.end]);
+    for role in snap.roles.values() {
+        for (a, name, ttl) in &role.addrs {
+            if *a != addr {
+                continue;
+            }
+            out.extend_from_slice(&[0xC0, 12, 0, TYPE_PTR as u8, 0, 1]);
+            out.extend_from_slice(&ttl.to_be_bytes());
+            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            out.extend_from_slice(name);
+            found += 1;
+        }
+    }
+    if found == 0 {
+        out.clear();
+        return respond(q, question, out, RCODE_REFUSED, opt);
+    }
+    out[6..8].copy_from_slice(&found.to_be_bytes());
+    if out.len() + if opt { OPT_LEN } else { 0 } > limit {
+        out.truncate(question.end);
+        out[2] |= 0x02;
+        out[6..8].copy_from_slice(&[0, 0]);
+        if opt {
+            push_opt(out, 0);
+        }
+        return Outcome::Answered {
+            rcode: RCODE_NOERROR,
+            truncated: true,
+        };
+    }
+    if opt {
+        push_opt(out, 0);
+    }
+    Outcome::Answered {
+        rcode: RCODE_NOERROR,
+        truncated: false,
+    }
+}

@@ -1,0 +1,288 @@
+//! Static zone data: every `*.zone` file of the zones directory, parsed with hickory-proto's
+//! RFC 1035 parser and pre-encoded into answer templates.
+//!
+//! Loading is all-or-nothing: a directory with one bad file is rejected with the file and line
+//! named, so a SIGHUP reload either installs every new file or keeps serving the old set.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hickory_proto::rr::{Name, RData, Record, RecordSet, RecordType, RrKey};
+use hickory_proto::serialize::txt::Parser;
+
+use super::snapshot::{encode_records, wire_name, Entry, RrSet};
+
+/// The SOA fields of a zone file.
+#[derive(Clone, Debug)]
+pub struct SoaParts {
+    pub mname: Name,
+    pub rname: Name,
+    pub serial: u32,
+    pub refresh: i32,
+    pub retry: i32,
+    pub expire: i32,
+    pub minimum: u32,
+    pub ttl: u32,
+}
+
+pub struct StaticZone {
+    pub origin: Name,
+    pub path: PathBuf,
+    pub soa: SoaParts,
+    records: BTreeMap<RrKey, RecordSet>,
+    /// Every name below the apex (and empty non-terminals), pre-encoded.
+    pub names: Arc<HashMap<Box<[u8]>, Entry>>,
+    pub record_count: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ZoneError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl StaticZone {
+    /// The apex RRsets (with glue for NS), SOA included.
+    pub fn apex_sets(&self) -> Vec<(RecordType, Vec<Record>, Vec<Record>)> {
+        let apex = self.origin.to_lowercase();
+        self.records
+            .iter()
+            .filter(|(k, _)| Name::from(k.name.clone()) == apex)
+            .map(|(k, set)| {
+                let records: Vec<Record> = set.records_without_rrsigs().cloned().collect();
+                let glue = glue(&self.records, &records);
+                (k.record_type, records, glue)
+            })
+            .collect()
+    }
+}
+
+/// Loads every `*.zone` file in `dir`, sorted by name. A missing directory is an empty set.
+pub fn load_dir(dir: &Path) -> Result<Vec<StaticZone>, ZoneError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(ZoneError {
+                path: dir.to_owned(),
+                line: None,
+                message: format!("cannot read the zones directory: {e}"),
+            })
+        }
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "zone") && p.is_file())
+        .collect();
+    paths.sort();
+    let mut zones: Vec<StaticZone> = Vec::with_capacity(paths.len());
+    for path in paths {
+        let zone = load_file(&path)?;
+        if let Some(other) = zones.iter().find(|z| z.origin == zone.origin) {
+            return Err(ZoneError {
+                path,
+                line: None,
+                message: format!(
+                    "zone {} is already defined by {}",
+                    zone.origin,
+                    other.path.display()
+                ),
+            });
+        }
+        zones.push(zone);
+    }
+    Ok(zones)
+}
+
+/// Parses one zone file; the origin defaults to the file name without `.zone`.
+pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
+    let err = |line, message: String| ZoneError {
+        path: path.to_owned(),
+        line,
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(None, format!("cannot read: {e}")))?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let origin = Name::from_ascii(format!("{stem}.")).ok();
+    let (origin, records) =
+        match Parser::new(text.as_str(), Some(path.to_owned()), origin.clone()).parse() {
+            Ok(parsed) => parsed,
+            Err(e) => return Err(err(error_line(&text, path, origin), e.to_string())),
+        };
+    let origin = origin.to_lowercase();
+
+    let mut soa = None;
+    let mut names: HashMap<Box<[u8]>, Entry> = HashMap::new();
+    let mut record_count = 0;
+    for (key, set) in &records {
+        let name = Name::from(key.name.clone());
+        if !origin.zone_of(&name) {
+            return Err(err(None, format!("{name} is outside the zone {origin}")));
+        }
+        record_count += set.records_count();
+        if key.record_type == RecordType::SOA {
+            if name != origin {
+                return Err(err(
+                    None,
+                    format!("SOA at {name}: it belongs at the apex {origin}"),
+                ));
+            }
+            if let Some(Record {
+                data: RData::SOA(s),
+                ttl,
+                ..
+            }) = set.records_without_rrsigs().next()
+            {
+                soa = Some(SoaParts {
+                    mname: s.mname.clone(),
+                    rname: s.rname.clone(),
+                    serial: s.serial,
+                    refresh: s.refresh,
+                    retry: s.retry,
+                    expire: s.expire,
+                    minimum: s.minimum,
+                    ttl: *ttl,
+                });
+            }
+        }
+        if key.record_type == RecordType::CNAME
+            && records
+                .keys()
+                .any(|k| k.name == key.name && k.record_type != RecordType::CNAME)
+        {
+            return Err(err(
+                None,
+                format!("{name} has a CNAME and other data (RFC 1034 3.6.2)"),
+            ));
+        }
+        if name == origin {
+            continue;
+        }
+        let answers: Vec<Record> = set.records_without_rrsigs().cloned().collect();
+        let additionals = glue(&records, &answers);
+        let template = encode_records(&name, key.record_type, &answers, &additionals);
+        let entry = names.entry(wire_name(&name)).or_default();
+        entry.sets.push(RrSet {
+            rtype: u16::from(key.record_type),
+            rotations: Arc::from([template]),
+        });
+        // Empty non-terminals between the name and the apex.
+        let mut parent = name.base_name();
+        while parent.num_labels() > origin.num_labels() {
+            names.entry(wire_name(&parent)).or_default();
+            parent = parent.base_name();
+        }
+    }
+    let soa = soa.ok_or_else(|| {
+        err(
+            None,
+            format!("no SOA record at the apex {origin}: add one (see zones/cluster.zone)"),
+        )
+    })?;
+    Ok(StaticZone {
+        origin,
+        path: path.to_owned(),
+        soa,
+        records,
+        names: Arc::new(names),
+        record_count,
+    })
+}
+
+/// Addresses of the in-zone targets of NS, MX and SRV records.
+fn glue(records: &BTreeMap<RrKey, RecordSet>, answers: &[Record]) -> Vec<Record> {
+    let mut out = Vec::new();
+    for r in answers {
+        let target = match &r.data {
+            RData::NS(ns) => &ns.0,
+            RData::MX(mx) => &mx.exchange,
+            RData::SRV(srv) => &srv.target,
+            _ => continue,
+        };
+        for rtype in [RecordType::A, RecordType::AAAA] {
+            let key = RrKey::new(target.to_lowercase().into(), rtype);
+            if let Some(set) = records.get(&key) {
+                out.extend(set.records_without_rrsigs().cloned());
+            }
+        }
+    }
+    out
+}
+
+/// hickory's parser does not say where it failed: find the first line whose prefix of the
+/// file fails with the same error. Quadratic, but only on a broken file of modest size.
+fn error_line(text: &str, path: &Path, origin: Option<Name>) -> Option<usize> {
+    let full = Parser::new(text, Some(path.to_owned()), origin.clone())
+        .parse()
+        .err()?
+        .to_string();
+    let ends: Vec<usize> = text
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .chain([text.len()])
+        .collect();
+    if ends.len() > 20_000 {
+        return None;
+    }
+    ends.iter().enumerate().find_map(|(i, &end)| {
+        let prefix = &text[..end];
+        match Parser::new(prefix, Some(path.to_owned()), origin.clone()).parse() {
+            Err(e) if e.to_string() == full => Some(i + 1),
+            _ => None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_file_and_line_of_a_bad_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.zone");
+        std::fs::write(
+            &path,
+            "$TTL 60\n@ IN SOA ns hostmaster 1 60 10 3600 1\n@ IN NS ns\nns IN A 127.0.0.1\nproxy IN A 10.0.0.300\n",
+        )
+        .unwrap();
+        let e = load_file(&path).err().expect("bad address must fail");
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.to_string().contains("cluster.zone:5"), "{e}");
+    }
+
+    #[test]
+    fn loads_names_and_empty_non_terminals() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("example.zone");
+        std::fs::write(
+            &path,
+            "$TTL 60\n@ IN SOA ns hostmaster 7 60 10 3600 2\n@ IN NS ns\nns IN A 127.0.0.1\nwww.deep IN A 10.0.0.1\n",
+        )
+        .unwrap();
+        let z = load_file(&path).unwrap();
+        assert_eq!(z.origin, Name::from_ascii("example.").unwrap());
+        assert_eq!(z.soa.serial, 7);
+        assert_eq!(z.soa.minimum, 2);
+        assert!(z
+            .names
+            .contains_key(&wire_name(&Name::from_ascii("www.deep.example.").unwrap())));
+        let ent = &z.names[&wire_name(&Name::from_ascii("deep.example.").unwrap())];
+        assert!(ent.sets.is_empty());
+        let apex = z.apex_sets();
+        let ns = apex.iter().find(|(t, ..)| *t == RecordType::NS).unwrap();
+        assert_eq!(ns.2.len(), 1, "NS glue for ns.example.");
+    }
+
+    #[test]
+    fn a_zone_without_soa_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.zone");
+        std::fs::write(&path, "$TTL 60\nwww IN A 10.0.0.1\n").unwrap();
+        let e = load_file(&path).err().unwrap();
+        assert!(e.message.contains("no SOA"), "{e}");
+    }
+}

@@ -1,0 +1,22 @@
+//! rollcall: service discovery for elastic container stacks.
+//!
+//! Layout (see ARCHITECTURE.md for the why):
+//! - [`cli`]: raw flags; [`config`]: validated settings built once from them;
+//! - [`registry`]: the single owner of registrations (leases, expiry, index, change feed);
+//! - [`store`]: durability of the registry in the data directory;
+//! - [`dns`]: snapshot, query path, UDP and TCP transports, zone files;
+//! - [`api`]: the HTTP API (axum);
+//! - [`server`]: `rollcall serve`, wiring the above together;
+//! - [`agent`], [`hipache`], [`status`]: the client subcommands.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod dns;
+pub mod hipache;
+pub mod registry;
+pub mod server;
+pub mod shutdown;
+pub mod status;
+pub mod store;

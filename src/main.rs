@@ -1,0 +1,60 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use rollcall::cli::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(run(cli.command));
+    // Do not wait for lingering blocking tasks (e.g. a child process reaper) at exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+async fn run(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Serve(args) => match rollcall::config::ServeConfig::from_args(args) {
+            Ok(cfg) => rollcall::server::serve(cfg, rollcall::shutdown::on_signals())
+                .await
+                .map(|()| 0)
+                .map_err(|e| (2, e.to_string())),
+            Err(e) => Err((2, e.to_string())),
+        },
+        Command::Register(args) => rollcall::agent::run(args).await,
+        Command::HipacheSync(args) => rollcall::hipache::run(args).await,
+        Command::Status(args) => rollcall::status::run(args).await,
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err((code, message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    // hickory logs every query at info: keep it at warn whatever RUST_LOG says about the rest.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive("hickory_proto=warn".parse().unwrap());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

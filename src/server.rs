@@ -1,0 +1,249 @@
+//! `rollcall serve`: binds the sockets, starts the registry, the DNS transports and the API,
+//! and stops them in order. Tests start the same thing in-process with [`start`] on port 0.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::ServeConfig;
+use crate::dns::{self, zones::ZoneError, Builder, ZoneSettings};
+use crate::registry::Registry;
+use crate::store::{Loaded, LogStore, MemoryStore, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("address {addr} ({what}) is in use: another server? pick another --{flag}")]
+    InUse {
+        addr: SocketAddr,
+        what: &'static str,
+        flag: &'static str,
+    },
+    #[error("cannot listen on {addr} ({what}): {source}: pick another --{flag}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        flag: &'static str,
+        source: io::Error,
+    },
+    #[error("zone file {0}: fix it, or move it out of --zones")]
+    Zone(#[from] ZoneError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A running server.
+pub struct Running {
+    pub dns_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub registry: Registry,
+    builder: Arc<Mutex<Builder>>,
+    config: ServeConfig,
+    shutdown: CancellationToken,
+    registry_task: tokio::task::JoinHandle<()>,
+    http_task: tokio::task::JoinHandle<()>,
+    tcp_task: tokio::task::JoinHandle<()>,
+    udp_threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn bind_error(
+    e: io::Error,
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> StartError {
+    if e.kind() == io::ErrorKind::AddrInUse {
+        StartError::InUse { addr, what, flag }
+    } else {
+        StartError::Bind {
+            addr,
+            what,
+            flag,
+            source: e,
+        }
+    }
+}
+
+/// Binds DNS over UDP and TCP on the same port (with port 0, a free one for both).
+fn bind_dns(
+    addr: SocketAddr,
+    threads: usize,
+) -> Result<(Vec<std::net::UdpSocket>, std::net::TcpListener), StartError> {
+    let mut attempts = 0;
+    loop {
+        let udp = dns::udp::bind(addr, threads)
+            .map_err(|e| bind_error(e, addr, "DNS over UDP", "dns-listen"))?;
+        let port = udp[0]
+            .local_addr()
+            .map_err(|e| bind_error(e, addr, "DNS over UDP", "dns-listen"))?
+            .port();
+        let tcp_addr = SocketAddr::new(addr.ip(), port);
+        let tcp = socket2::Socket::new(
+            socket2::Domain::for_address(tcp_addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .and_then(|s| {
+            s.set_reuse_address(true)?;
+            if tcp_addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&tcp_addr.into())?;
+            s.listen(1024)?;
+            s.set_nonblocking(true)?;
+            Ok(std::net::TcpListener::from(s))
+        });
+        match tcp {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 && attempts < 10 => {
+                attempts += 1;
+                tracing::debug!(error = %e, "tcp port taken, trying another");
+            }
+            Err(e) => return Err(bind_error(e, tcp_addr, "DNS over TCP", "dns-listen")),
+        }
+    }
+}
+
+/// Starts everything; returns once every socket is bound and the first snapshot is published.
+pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
+    let shutdown = CancellationToken::new();
+    let statics = dns::zones::load_dir(&config.zones_dir)?;
+    for z in &statics {
+        tracing::info!(zone = %z.origin, file = %z.path.display(), records = z.record_count, "loaded zone file");
+    }
+    let (udp, tcp) = bind_dns(config.dns_listen, config.dns_threads)?;
+    let dns_addr = tcp
+        .local_addr()
+        .map_err(|e| bind_error(e, config.dns_listen, "DNS over TCP", "dns-listen"))?;
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|e| bind_error(e, config.http_listen, "HTTP API", "http-listen"))?;
+    let http_addr = http
+        .local_addr()
+        .map_err(|e| bind_error(e, config.http_listen, "HTTP API", "http-listen"))?;
+
+    let (store, loaded): (Box<dyn Store>, Loaded) = match &config.data_dir {
+        Some(dir) => {
+            let (store, loaded) = LogStore::open(dir)?;
+            for d in &loaded.dropped {
+                tracing::warn!(data_dir = %dir.display(), "dropped a damaged record: {d}");
+            }
+            (Box::new(store), loaded)
+        }
+        None => (Box::new(MemoryStore), Loaded::default()),
+    };
+
+    let ns_addr = Some(dns_addr.ip()).filter(|ip: &IpAddr| !ip.is_unspecified());
+    let settings = ZoneSettings {
+        zone: config.zone.clone(),
+        record_ttl: config.record_ttl,
+        negative_ttl: config.negative_ttl,
+        ns_name: config.ns_name.clone(),
+        ns_addr,
+    };
+    let builder = Arc::new(Mutex::new(Builder::new(settings, statics)));
+    let cell = builder.lock().unwrap().cell();
+    let (registry, registry_task) = Registry::start(
+        store,
+        loaded,
+        Box::new(builder.clone()),
+        config.limits.clone(),
+        shutdown.clone(),
+    );
+
+    let udp_threads = dns::udp::spawn(udp, cell.clone(), shutdown.clone());
+    let tcp = TcpListener::from_std(tcp)
+        .map_err(|e| bind_error(e, dns_addr, "DNS over TCP", "dns-listen"))?;
+    let tcp_task = tokio::spawn(dns::tcp::serve(tcp, cell, shutdown.clone()));
+
+    let state = AppState {
+        registry: registry.clone(),
+        access: Arc::new(config.access.clone()),
+        shutdown: shutdown.clone(),
+    };
+    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let http_shutdown = shutdown.clone();
+    let http_task = tokio::spawn(async move {
+        let serve = axum::serve(http, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+
+    tracing::info!(udp = %dns_addr, tcp = %dns_addr, threads = config.dns_threads, zone = %config.zone, "listening for DNS");
+    tracing::info!(http = %http_addr, "listening for HTTP");
+    Ok(Running {
+        dns_addr,
+        http_addr,
+        registry,
+        builder,
+        config,
+        shutdown,
+        registry_task,
+        http_task,
+        tcp_task,
+        udp_threads,
+    })
+}
+
+impl Running {
+    /// Re-reads the zone files. On error the old zones stay served.
+    pub fn reload_zones(&self) -> Result<usize, ZoneError> {
+        let statics = dns::zones::load_dir(&self.config.zones_dir)?;
+        let n = statics.len();
+        self.builder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_statics(statics);
+        Ok(n)
+    }
+
+    /// A token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops everything and waits (at most a few seconds) for it to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let wait = async {
+            let _ = self.http_task.await;
+            let _ = self.tcp_task.await;
+            let _ = self.registry_task.await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown took longer than 5 s; exiting anyway");
+        }
+        let threads = self.udp_threads;
+        let _ =
+            tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())))
+                .await;
+    }
+}
+
+/// Runs until `shutdown` fires, reloading zone files on SIGHUP.
+pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), StartError> {
+    let running = start(config).await?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("installing a SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = hup.recv() => match running.reload_zones() {
+                Ok(n) => tracing::info!(zones = n, "reloaded zone files"),
+                Err(e) => tracing::error!("zone reload failed, still serving the previous zones: {e}"),
+            },
+        }
+    }
+    running.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
