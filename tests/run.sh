@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every test of rollcall: unit, in-process integration, and system tests against real
+# dig, nginx and redis-server. Installs the system packages the tests need when they are
+# missing (apt-get, as root or through sudo). Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v dig >/dev/null 2>&1 || need+=(dnsutils)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+python3 -c 'import bottle' >/dev/null 2>&1 || need+=(python3-bottle)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${need[*]}" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# System tests find nginx in /usr/sbin.
+export PATH="$PATH:/usr/sbin:/sbin"
+# The system tests start the real binary; build it once, then run everything.
+cargo build --locked --bins
+exec cargo test --locked --all-targets "$@"
