@@ -195,9 +195,11 @@ impl Registry {
         *self.index.borrow()
     }
 
-    /// A receiver that changes whenever the generation index does.
+    /// A receiver that reports every change of the generation index from now on.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.index.clone()
+        let mut rx = self.index.clone();
+        rx.mark_unchanged();
+        rx
     }
 }
 

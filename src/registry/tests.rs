@@ -1,1 +1,326 @@
+use std::sync::{Arc, Mutex};
 
+use super::*;
+use crate::store::MemoryStore;
+
+/// Records every publish: (index, [(role, node count)]).
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<(u64, Vec<(String, usize)>)>>>);
+
+impl Publish for Recorder {
+    fn publish(&mut self, index: u64, changed: &[RoleView<'_>]) {
+        let roles = changed
+            .iter()
+            .map(|v| (v.role.to_string(), v.nodes.len()))
+            .collect();
+        self.0.lock().unwrap().push((index, roles));
+    }
+}
+
+impl Recorder {
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn last(&self) -> (u64, Vec<(String, usize)>) {
+        self.0.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+fn start(limits: Limits) -> (Registry, Recorder, CancellationToken) {
+    let rec = Recorder::default();
+    let token = CancellationToken::new();
+    let (reg, _) = Registry::start(
+        Box::new(MemoryStore),
+        Loaded::default(),
+        Box::new(rec.clone()),
+        limits,
+        token.clone(),
+    );
+    (reg, rec, token)
+}
+
+fn key(role: &str, node: &str) -> NodeKey {
+    NodeKey {
+        role: Label::parse(role).unwrap(),
+        node: Label::parse(node).unwrap(),
+    }
+}
+
+fn spec(addr: &str, ttl: u32) -> NodeSpec {
+    NodeSpec {
+        addr: addr.parse().unwrap(),
+        port: Some(8080),
+        service: Label::parse("http").unwrap(),
+        ttl,
+        weight: 1,
+        meta: Default::default(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn register_publishes_and_bumps_index() {
+    let (reg, rec, _t) = start(Limits::default());
+    let info = reg
+        .put(key("app", "a1"), spec("10.0.0.1", 5))
+        .await
+        .unwrap();
+    assert_eq!(info.expires_in, Duration::from_secs(5));
+    assert_eq!(rec.last(), (1, vec![("app".into(), 1)]));
+    reg.put(key("app", "a2"), spec("10.0.0.2", 5))
+        .await
+        .unwrap();
+    assert_eq!(rec.last(), (2, vec![("app".into(), 2)]));
+    let role = reg.role(Label::parse("app").unwrap()).await.unwrap();
+    assert_eq!(role.index, 2);
+    assert_eq!(role.nodes.len(), 2);
+    assert_eq!(
+        reg.roles().await.unwrap(),
+        (2, vec![(Label::parse("app").unwrap(), 2)])
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_that_changes_nothing_visible_does_not_publish() {
+    let (reg, rec, _t) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 5))
+        .await
+        .unwrap();
+    let before = rec.count();
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let info = reg
+        .put(key("app", "a1"), spec("10.0.0.1", 5))
+        .await
+        .unwrap();
+    assert_eq!(
+        info.expires_in,
+        Duration::from_secs(5),
+        "the lease restarts from now"
+    );
+    assert!(reg.renew(key("app", "a1")).await.unwrap());
+    assert_eq!(rec.count(), before, "no publish for a pure renewal");
+    assert_eq!(reg.index(), 1);
+    // A changed address is a visible change.
+    reg.put(key("app", "a1"), spec("10.0.0.9", 5))
+        .await
+        .unwrap();
+    assert_eq!(rec.count(), before + 1);
+    assert_eq!(reg.index(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_expires_on_time() {
+    let (reg, rec, _t) = start(Limits::default());
+    let start = Instant::now();
+    reg.put(key("app", "a1"), spec("10.0.0.1", 5))
+        .await
+        .unwrap();
+    reg.put(key("app", "a2"), spec("10.0.0.2", 60))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(4_990)).await;
+    assert_eq!(
+        reg.role(Label::parse("app").unwrap())
+            .await
+            .unwrap()
+            .nodes
+            .len(),
+        2
+    );
+    // Wait for the expiry publish; it must come at the deadline, not later.
+    let mut changes = reg.subscribe();
+    changes.changed().await.unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_millis(5_100),
+        "expired after {took:?}"
+    );
+    assert_eq!(rec.last(), (3, vec![("app".into(), 1)]));
+    let left = reg.role(Label::parse("app").unwrap()).await.unwrap();
+    assert_eq!(
+        left.nodes
+            .iter()
+            .map(|n| n.key.node.as_str())
+            .collect::<Vec<_>>(),
+        ["a2"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_keep_a_node_alive() {
+    let (reg, _rec, _t) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 2))
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(
+            reg.renew(key("app", "a1")).await.unwrap(),
+            "node expired while renewed"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert!(
+        !reg.renew(key("app", "a1")).await.unwrap(),
+        "node outlived its lease"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_reports_whether_the_node_existed() {
+    let (reg, _rec, _t) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 5))
+        .await
+        .unwrap();
+    assert!(reg.delete(key("app", "a1")).await.unwrap());
+    assert!(!reg.delete(key("app", "a1")).await.unwrap());
+    assert!(!reg.delete(key("nope", "a1")).await.unwrap());
+    let role = reg.role(Label::parse("app").unwrap()).await.unwrap();
+    assert!(role.nodes.is_empty());
+    assert_eq!(
+        role.index, 2,
+        "an emptied role keeps its index for blocking queries"
+    );
+    assert!(reg.roles().await.unwrap().1.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn blocking_query_wakes_on_change_and_times_out_otherwise() {
+    let (reg, _rec, _t) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 60))
+        .await
+        .unwrap();
+    let app = Label::parse("app").unwrap();
+
+    // Already past the index: returns at once.
+    assert_eq!(
+        reg.role_after(app.clone(), 0, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .index,
+        1
+    );
+
+    // Nothing changes: returns after the wait with the same index.
+    let t0 = Instant::now();
+    let same = reg
+        .role_after(app.clone(), 1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(same.index, 1);
+    assert!(t0.elapsed() >= Duration::from_secs(2));
+
+    // A change of another role does not wake it; a change of this role does.
+    let waiter = tokio::spawn({
+        let reg = reg.clone();
+        let app = app.clone();
+        async move {
+            reg.role_after(app, 1, Duration::from_secs(30))
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    reg.put(key("other", "o1"), spec("10.0.0.5", 60))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiter.is_finished());
+    let t1 = Instant::now();
+    reg.put(key("app", "a2"), spec("10.0.0.2", 60))
+        .await
+        .unwrap();
+    let woke = waiter.await.unwrap();
+    assert_eq!(woke.index, 3);
+    assert_eq!(woke.nodes.len(), 2);
+    assert!(t1.elapsed() < Duration::from_millis(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn session_close_removes_only_the_current_session() {
+    let (reg, _rec, _t) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 60))
+        .await
+        .unwrap();
+    assert_eq!(reg.session_open(key("app", "zz")).await.unwrap(), None);
+    let old = reg.session_open(key("app", "a1")).await.unwrap().unwrap();
+    let new = reg.session_open(key("app", "a1")).await.unwrap().unwrap();
+    reg.session_close(key("app", "a1"), old);
+    assert_eq!(
+        reg.role(Label::parse("app").unwrap())
+            .await
+            .unwrap()
+            .nodes
+            .len(),
+        1,
+        "a stale session must not remove"
+    );
+    reg.session_close(key("app", "a1"), new);
+    assert!(reg
+        .role(Label::parse("app").unwrap())
+        .await
+        .unwrap()
+        .nodes
+        .is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn limits_refuse_new_nodes_but_allow_renewals() {
+    let (reg, _rec, _t) = start(Limits {
+        max_nodes: 3,
+        max_nodes_per_role: 2,
+    });
+    reg.put(key("a", "n1"), spec("10.0.0.1", 60)).await.unwrap();
+    reg.put(key("a", "n2"), spec("10.0.0.2", 60)).await.unwrap();
+    let e = reg
+        .put(key("a", "n3"), spec("10.0.0.3", 60))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Full(_)), "{e}");
+    reg.put(key("b", "n1"), spec("10.0.0.4", 60)).await.unwrap();
+    assert!(matches!(
+        reg.put(key("c", "n1"), spec("10.0.0.5", 60)).await,
+        Err(RegistryError::Full(_))
+    ));
+    reg.put(key("a", "n1"), spec("10.0.0.1", 60))
+        .await
+        .expect("renewal at the limit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn restores_stored_nodes_with_their_remaining_lease() {
+    let rec = Recorder::default();
+    let now = unix_ms();
+    let stored = |node: &str, left_ms: u64| StoredNode {
+        role: "app".into(),
+        node: node.into(),
+        addr: "10.0.0.1".into(),
+        port: Some(80),
+        service: "http".into(),
+        ttl: 60,
+        weight: 1,
+        meta: Default::default(),
+        expires_unix_ms: now + left_ms,
+        registered_unix_ms: now - 1000,
+    };
+    let loaded = Loaded {
+        nodes: vec![stored("a", 2_000), stored("b", 30_000)],
+        dropped: vec![],
+    };
+    let (reg, _) = Registry::start(
+        Box::new(MemoryStore),
+        loaded,
+        Box::new(rec.clone()),
+        Limits::default(),
+        CancellationToken::new(),
+    );
+    assert_eq!(rec.last().1, vec![("app".into(), 2)]);
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let role = reg.role(Label::parse("app").unwrap()).await.unwrap();
+    assert_eq!(
+        role.nodes
+            .iter()
+            .map(|n| n.key.node.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+}

@@ -20,7 +20,11 @@ pub fn rollcall_bin() -> PathBuf {
 
 /// Panics with an install hint when a system tool is missing (tests/run.sh installs them).
 pub fn require(tool: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+    {
         let p = Path::new(dir).join(tool);
         if p.is_file() {
             return p;
@@ -45,9 +49,23 @@ impl ServeProc {
         Self::start_on("127.0.0.1:0", "127.0.0.1:0", data_dir, zones, args)
     }
 
-    pub fn start_on(dns: &str, http: &str, data_dir: &Path, zones: &Path, args: &[&str]) -> ServeProc {
+    pub fn start_on(
+        dns: &str,
+        http: &str,
+        data_dir: &Path,
+        zones: &Path,
+        args: &[&str],
+    ) -> ServeProc {
         let mut child = Command::new(rollcall_bin())
-            .args(["serve", "--dns-listen", dns, "--http-listen", http, "--dns-threads", "1"])
+            .args([
+                "serve",
+                "--dns-listen",
+                dns,
+                "--http-listen",
+                http,
+                "--dns-threads",
+                "1",
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--zones")
@@ -74,7 +92,12 @@ impl ServeProc {
         while dns.is_none() || http.is_none() {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("rollcall serve did not report its addresses; status {:?}", child.try_wait()));
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "rollcall serve did not report its addresses; status {:?}",
+                        child.try_wait()
+                    )
+                });
             if line.contains("listening for DNS") {
                 dns = Some(field(&line, "udp="));
             }
@@ -82,7 +105,13 @@ impl ServeProc {
                 http = Some(field(&line, "http="));
             }
         }
-        ServeProc { child, dns: dns.unwrap(), http: http.unwrap(), data_dir: data_dir.to_owned(), log: rx }
+        ServeProc {
+            child,
+            dns: dns.unwrap(),
+            http: http.unwrap(),
+            data_dir: data_dir.to_owned(),
+            log: rx,
+        }
     }
 
     pub fn api(&self) -> String {
@@ -90,7 +119,10 @@ impl ServeProc {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -98,7 +130,10 @@ impl ServeProc {
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => continue,
                 Err(_) => panic!("no log line containing {needle:?} within {timeout:?}"),
@@ -115,8 +150,16 @@ impl Drop for ServeProc {
 }
 
 fn field(line: &str, key: &str) -> SocketAddr {
-    let at = line.find(key).unwrap_or_else(|| panic!("{key} not in {line:?}")) + key.len();
-    line[at..].split_whitespace().next().unwrap().parse().unwrap()
+    let at = line
+        .find(key)
+        .unwrap_or_else(|| panic!("{key} not in {line:?}"))
+        + key.len();
+    line[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// A query message for `name`/`rtype`, with EDNS advertising `edns` bytes when given.
@@ -132,7 +175,11 @@ pub fn query_msg(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
 }
 
 fn rand_id() -> u16 {
-    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() & 0xffff) as u16
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        & 0xffff) as u16
 }
 
 /// Sends raw bytes over UDP and returns the raw response (None on a 2 s timeout).
@@ -189,7 +236,13 @@ pub fn addrs(m: &Message) -> Vec<String> {
 pub fn dig(server: SocketAddr, args: &[&str]) -> String {
     let out = Command::new(require("dig"))
         .arg(format!("@{}", server.ip()))
-        .args(["-p", &server.port().to_string(), "+norec", "+time=2", "+tries=1"])
+        .args([
+            "-p",
+            &server.port().to_string(),
+            "+norec",
+            "+time=2",
+            "+tries=1",
+        ])
         .args(args)
         .output()
         .expect("running dig");
@@ -212,5 +265,8 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// A blocking HTTP client for tests.
 pub fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
 }
