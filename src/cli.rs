@@ -63,7 +63,7 @@ pub struct ServeArgs {
 
     /// Directory where registrations are kept across restarts. Empty: keep nothing (memory only).
     #[arg(long, env = "ROLLCALL_DATA_DIR", default_value = "rollcall-data")]
-    pub data_dir: PathBuf,
+    pub data_dir: String,
 
     /// TTL of answers for registered nodes, in seconds (never longer than a node's lease).
     #[arg(long, env = "ROLLCALL_RECORD_TTL", default_value_t = 5)]

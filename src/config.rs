@@ -125,7 +125,7 @@ impl ServeConfig {
             http_listen: parse_addr("http-listen", &a.http_listen)?,
             zone,
             zones_dir: a.zones,
-            data_dir: (!a.data_dir.as_os_str().is_empty()).then_some(a.data_dir),
+            data_dir: (!a.data_dir.is_empty()).then(|| PathBuf::from(a.data_dir)),
             record_ttl: a.record_ttl,
             negative_ttl: a.negative_ttl,
             ns_name,

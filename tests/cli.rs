@@ -1,0 +1,357 @@
+//! Black-box tests of the `rollcall` binary: what a user sees at the terminal, with `dig`.
+
+#[path = "util/mod.rs"]
+mod util;
+
+use std::process::Command;
+use std::time::Duration;
+
+use util::*;
+
+const ZONE: &str = "$TTL 60\n@ IN SOA ns.cluster. hostmaster.cluster. 1 60 10 3600 1\n@ IN NS ns.cluster.\nns IN A 127.0.0.1\nproxyserver IN A 10.9.9.9\n";
+
+fn put(api: &str, role: &str, node: &str, body: &str) -> reqwest::blocking::Response {
+    http()
+        .put(format!("{api}/v1/roles/{role}/nodes/{node}"))
+        .body(body.to_owned())
+        .send()
+        .unwrap()
+}
+
+#[test]
+fn dig_sees_nodes_registered_a_moment_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &zones, &[]);
+    for (node, addr) in [("appserver1", "10.0.0.7"), ("appserver2", "10.0.0.8")] {
+        let r = put(
+            &server.api(),
+            "appserver",
+            node,
+            &format!(r#"{{"addr":"{addr}","port":8080}}"#),
+        );
+        assert_eq!(r.status(), 200);
+    }
+    let out = dig(server.dns, &["appserver.cluster", "+short"]);
+    let mut got: Vec<&str> = out.lines().collect();
+    got.sort();
+    assert_eq!(got, ["10.0.0.7", "10.0.0.8"]);
+    let out = dig(
+        server.dns,
+        &["_http._tcp.appserver.cluster", "SRV", "+short"],
+    );
+    assert!(
+        out.contains("0 1 8080 appserver1.appserver.cluster."),
+        "{out}"
+    );
+    let out = dig(server.dns, &["+tcp", "proxyserver.cluster", "+short"]);
+    assert_eq!(out.trim(), "10.9.9.9");
+    let out = dig(server.dns, &["-x", "10.0.0.8", "+short"]);
+    assert_eq!(out.trim(), "appserver2.appserver.cluster.");
+    let out = dig(server.dns, &["missing.cluster"]);
+    assert!(
+        out.contains("status: NXDOMAIN") && out.contains("flags: qr aa"),
+        "{out}"
+    );
+    let out = dig(server.dns, &["example.com"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
+}
+
+#[test]
+fn sighup_reloads_zone_files_and_keeps_the_old_ones_when_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &zones, &[]);
+    assert_eq!(
+        put(
+            &server.api(),
+            "app",
+            "a1",
+            r#"{"addr":"10.0.0.1","ttl":300}"#
+        )
+        .status(),
+        200
+    );
+
+    // A good change: a new static name and a new zone file.
+    std::fs::write(
+        zones.join("cluster.zone"),
+        format!("{ZONE}extra IN A 10.9.9.10\n"),
+    )
+    .unwrap();
+    std::fs::write(zones.join("example.test.zone"), "$TTL 60\n@ IN SOA ns hostmaster 5 60 10 3600 1\n@ IN NS ns\nns IN A 127.0.0.1\nwww IN A 192.0.2.1\n").unwrap();
+    server.signal("HUP");
+    server.wait_log("reloaded zone files", Duration::from_secs(5));
+    assert_eq!(
+        dig(server.dns, &["extra.cluster", "+short"]).trim(),
+        "10.9.9.10"
+    );
+    assert_eq!(
+        dig(server.dns, &["www.example.test", "+short"]).trim(),
+        "192.0.2.1"
+    );
+    assert_eq!(
+        dig(server.dns, &["app.cluster", "+short"]).trim(),
+        "10.0.0.1",
+        "registrations survive a reload"
+    );
+
+    // A broken file: reported with file and line, old content still served.
+    std::fs::write(
+        zones.join("example.test.zone"),
+        "$TTL 60\n@ IN SOA ns hostmaster 6 60 10 3600 1\n@ IN NS ns\nwww IN A 192.0.2.300\n",
+    )
+    .unwrap();
+    server.signal("HUP");
+    let line = server.wait_log("zone reload failed", Duration::from_secs(5));
+    assert!(line.contains("example.test.zone:4"), "{line}");
+    assert_eq!(
+        dig(server.dns, &["www.example.test", "+short"]).trim(),
+        "192.0.2.1"
+    );
+    assert_eq!(
+        dig(server.dns, &["extra.cluster", "+short"]).trim(),
+        "10.9.9.10"
+    );
+    assert_eq!(
+        dig(server.dns, &["app.cluster", "+short"]).trim(),
+        "10.0.0.1"
+    );
+}
+
+#[test]
+fn registrations_survive_kill_9_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    let data = dir.path().join("data");
+    let mut server = ServeProc::start(&data, &zones, &[]);
+    assert_eq!(
+        put(
+            &server.api(),
+            "app",
+            "a1",
+            r#"{"addr":"10.0.0.1","ttl":300}"#
+        )
+        .status(),
+        200
+    );
+    assert_eq!(
+        put(
+            &server.api(),
+            "app",
+            "a2",
+            r#"{"addr":"10.0.0.2","ttl":300}"#
+        )
+        .status(),
+        200
+    );
+    assert_eq!(
+        put(
+            &server.api(),
+            "app",
+            "short",
+            r#"{"addr":"10.0.0.3","ttl":2}"#
+        )
+        .status(),
+        200
+    );
+    assert_eq!(
+        http()
+            .delete(format!("{}/v1/roles/app/nodes/a2", server.api()))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    drop(server);
+
+    let server = ServeProc::start(&data, &zones, &[]);
+    let body: serde_json::Value = http()
+        .get(format!("{}/v1/roles/app", server.api()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut nodes: Vec<&str> = body["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    assert_eq!(
+        nodes,
+        ["a1", "short"],
+        "a1 kept, a2 stays deleted, short still in its lease"
+    );
+    let left = body["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "a1")
+        .unwrap()["expires_in"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        left > 250.0 && left <= 300.0,
+        "remaining lease kept: {left}"
+    );
+    // The short lease runs out on time after the restart.
+    assert!(eventually(Duration::from_secs(4), || dig(
+        server.dns,
+        &["app.cluster", "+short"]
+    )
+    .trim()
+        == "10.0.0.1"));
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    let data = dir.path().join("data");
+    let _first = ServeProc::start(&data, &zones, &[]);
+    let out = Command::new(rollcall_bin())
+        .args([
+            "serve",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg("--zones")
+        .arg(&zones)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is locked by another rollcall"), "{err}");
+}
+
+#[test]
+fn port_in_use_and_bad_zone_files_exit_2_with_a_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let out = Command::new(rollcall_bin())
+        .args([
+            "serve",
+            "--dns-listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "",
+        ])
+        .arg("--zones")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}"))
+            && err.contains("is in use")
+            && err.contains("--dns-listen"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("cluster.zone"),
+        "$TTL 60\n@ IN SOA ns hostmaster 1 60 10 3600 1\nbad IN A not-an-ip\n",
+    )
+    .unwrap();
+    let out = Command::new(rollcall_bin())
+        .args([
+            "serve",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "",
+        ])
+        .arg("--zones")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cluster.zone:3") && err.contains("fix it"),
+        "{err}"
+    );
+
+    let out = Command::new(rollcall_bin())
+        .args(["serve", "--dns-listen", "nonsense"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--dns-listen \"nonsense\" is not an address:port"));
+}
+
+#[test]
+fn sigterm_stops_gracefully_with_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServeProc::start(&dir.path().join("data"), dir.path(), &[]);
+    server.signal("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not stop within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn help_shows_every_flag_with_default_and_env() {
+    let out = Command::new(rollcall_bin())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    // clap wraps long lines: compare with whitespace runs folded to one space.
+    let help = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for needle in [
+        "--dns-listen",
+        "[default: 127.0.0.1:1053]",
+        "[env: ROLLCALL_DNS_LISTEN=]",
+        "[default: 127.0.0.1:8053]",
+        "[default: cluster.]",
+        "[default: rollcall-data]",
+        "ROLLCALL_RECORD_TTL",
+    ] {
+        assert!(
+            help.contains(needle),
+            "serve --help lacks {needle:?}:\n{help}"
+        );
+    }
+    for sub in ["register", "hipache-sync", "status"] {
+        let out = Command::new(rollcall_bin())
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("[env: ROLLCALL_API="),
+            "{sub}"
+        );
+    }
+}
