@@ -178,11 +178,13 @@ pub struct HipacheArgs {
     #[arg(long, env = "ROLLCALL_ROLE", default_value = "frontserver")]
     pub role: String,
 
-    /// Redis URL: redis://[:password@]host[:port][/db].
+    /// Redis URL: redis://[:password@]host[:port][/db][#prefix] (the same URL as hipache's
+    /// `driver`; a `#prefix` is put before every key, as hipache does).
     #[arg(long, env = "ROLLCALL_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
 
-    /// Frontend host name(s) to keep (`frontend:<host>`); repeatable.
+    /// Frontend host name(s) to keep (`frontend:<host>`), e.g. www.example.com, *.example.com
+    /// or *; repeatable or comma-separated. Folded to lower case, as hipache looks them up.
     #[arg(
         long = "frontend",
         env = "ROLLCALL_FRONTEND",
@@ -199,11 +201,14 @@ pub struct HipacheArgs {
     #[arg(long, env = "ROLLCALL_SCHEME", default_value = "http")]
     pub scheme: String,
 
-    /// Backend port; default: each node's registered port (80 when it has none).
+    /// Backend port; default: each node's registered port (when it has none: 80 for http,
+    /// 443 for https).
     #[arg(long, env = "ROLLCALL_PORT")]
     pub port: Option<u16>,
 
-    /// Full rewrite at least this often, as a safety net (0: only on changes).
+    /// Re-read the role from the API at least this often, as a safety net besides the
+    /// blocking query (e.g. 60s, 500ms, 2m; 0: rely on the blocking query alone). The lists in
+    /// redis are checked every second whatever this says.
     #[arg(long, env = "ROLLCALL_INTERVAL", default_value = "60s")]
     pub interval: String,
 
