@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Entry point of the proxyserver container: a private redis, `rollcall hipache-sync` filling it
+# from rollcall, and hipache reading it. Runs in the foreground; SIGTERM/SIGINT stops all three,
+# and if any of them dies the others are stopped too (so the container restarts as a whole).
+#
+#   client -> hipache (:80) --reads--> redis (127.0.0.1:6379) <--writes-- rollcall hipache-sync
+#                                                                          |  blocking query
+#                                                                          v
+#                                                          rollcall serve (ROLLCALL_API)
+#
+# Settings (environment; every ROLLCALL_* variable is the twin of a hipache-sync flag, see
+# `rollcall hipache-sync --help`):
+#   ROLLCALL_API        rollcall's HTTP API                     (default http://dns:8053)   SET ME
+#   ROLLCALL_ROLE       role the frontservers register under    (default frontserver)
+#   ROLLCALL_FRONTEND   Host name(s) hipache serves, comma-separated, e.g.
+#                       "www.example.com,*.example.com"         (default localhost)         SET ME
+#   ROLLCALL_PORT       port of the frontservers, when they do not register one (default: the
+#                       registered port, else 80)
+#   ROLLCALL_TOKEN      API token, when rollcall runs with --token-reads
+#   REDIS_PORT          port of the private redis               (default 6379; must match the
+#                       "driver" in config.json)
+#   HIPACHE_CONFIG      hipache's configuration                 (default /etc/hipache/config.json)
+#   HIPACHE_CMD         how to start hipache                    (default: hipache --config ...)
+#
+# Needs on PATH: redis-server, redis-cli, rollcall, hipache (npm install -g hipache@0.4).
+set -euo pipefail
+
+: "${ROLLCALL_API:=http://dns:8053}"
+: "${ROLLCALL_ROLE:=frontserver}"
+: "${ROLLCALL_FRONTEND:=localhost}"
+: "${REDIS_PORT:=6379}"
+: "${HIPACHE_CONFIG:=/etc/hipache/config.json}"
+: "${HIPACHE_CMD:=hipache --config $HIPACHE_CONFIG}"
+export ROLLCALL_API ROLLCALL_ROLE ROLLCALL_FRONTEND
+export ROLLCALL_REDIS="redis://127.0.0.1:${REDIS_PORT}"
+
+pids=()
+stop() {
+    trap - TERM INT
+    # Reverse order: hipache first (stops taking requests), redis last.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill -TERM "${pids[i]}" 2>/dev/null || true
+    done
+    wait
+}
+trap 'stop; exit 0' TERM INT
+
+# 1. redis, in memory only, reachable from this container only. Nothing needs saving:
+#    hipache-sync rewrites every list when it starts and whenever redis comes back empty.
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no &
+pids+=($!)
+until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
+
+# 2. hipache-sync: follows ROLLCALL_ROLE with blocking queries and keeps, for every host in
+#    ROLLCALL_FRONTEND, frontend:<host> = [role, http://<addr>:<port>, ...] (one MULTI/EXEC per
+#    change, dead:<host> cleared with it). It retries rollcall and redis with backoff, so the
+#    start order does not matter; the last known list stays while rollcall is unreachable.
+rollcall hipache-sync &
+pids+=($!)
+
+# Give hipache a filled list to start with (up to 30 s; it starts anyway, and answers 400 for
+# the hosts until the list arrives).
+first=${ROLLCALL_FRONTEND%%,*}
+for _ in $(seq 300); do
+    [ "$(redis-cli -p "$REDIS_PORT" exists "frontend:${first}")" = 1 ] && break
+    sleep 0.1
+done
+
+# 3. hipache.
+$HIPACHE_CMD &
+pids+=($!)
+
+# Whichever stops first (crash, or exit), stop the rest and pass its status on.
+set +e
+wait -n
+status=$?
+echo "start.sh: a process of the proxyserver exited with status $status; stopping the others" >&2
+stop
+exit "$status"
