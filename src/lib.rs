@@ -14,6 +14,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod fuzz;
 pub mod hipache;
 pub mod registry;
 pub mod server;

@@ -211,6 +211,11 @@ pub fn parse_spec(body: RegisterBody, peer: IpAddr) -> Result<NodeSpec, ApiError
     })
 }
 
+/// Parses and validates a register body as the `PUT` handler does (also the fuzzing entry).
+pub fn parse_register(body: &[u8], peer: IpAddr) -> Result<NodeSpec, ApiError> {
+    parse_spec(parse_body(Ok(Bytes::copy_from_slice(body)))?, peer)
+}
+
 /// Reads a JSON body; an empty body is `{}`.
 fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<RegisterBody, ApiError> {
     let body = body.map_err(|r| {
