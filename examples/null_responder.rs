@@ -11,7 +11,10 @@ use tokio_util::sync::CancellationToken;
 fn main() {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:15390".into());
-    let threads: usize = args.next().map(|t| t.parse().expect("THREADS is a number")).unwrap_or(1);
+    let threads: usize = args
+        .next()
+        .map(|t| t.parse().expect("THREADS is a number"))
+        .unwrap_or(1);
     let addr = addr.parse().expect("ADDR:PORT");
     let sockets = udp::bind(addr, threads).expect("bind");
     eprintln!("null responder on {}", sockets[0].local_addr().unwrap());

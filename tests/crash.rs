@@ -24,7 +24,11 @@ enum Fate {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -57,7 +61,10 @@ fn acknowledged_registrations_survive_kill_9() {
             .map(|w| {
                 let (api, fates, stop) = (api.clone(), fates.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+                    let client = reqwest::blocking::Client::builder()
+                        .timeout(Duration::from_secs(5))
+                        .build()
+                        .unwrap();
                     let mut i = 0;
                     while !stop.load(Ordering::Relaxed) {
                         let role = format!("role{}", i % 10);
@@ -65,7 +72,12 @@ fn acknowledged_registrations_survive_kill_9() {
                         let key = (role.clone(), node.clone());
                         fates.lock().unwrap().insert(key.clone(), Fate::Unknown);
                         let url = format!("{api}/v1/roles/{role}/nodes/{node}");
-                        let body = format!(r#"{{"addr":"10.{}.{}.{}","ttl":3600}}"#, w, (i / 250) % 250, i % 250 + 1);
+                        let body = format!(
+                            r#"{{"addr":"10.{}.{}.{}","ttl":3600}}"#,
+                            w,
+                            (i / 250) % 250,
+                            i % 250 + 1
+                        );
                         match client.put(&url).body(body).send() {
                             Ok(r) if r.status() == 200 => {
                                 fates.lock().unwrap().insert(key.clone(), Fate::Registered);
@@ -99,16 +111,31 @@ fn acknowledged_registrations_survive_kill_9() {
     }
     let _server = ServeProc::start_on(&dns, &http_addr, &data, &zones, &[]);
     verify(&api, &fates.lock().unwrap(), &mut checked);
-    let acked = fates.lock().unwrap().values().filter(|f| **f != Fate::Unknown).count();
-    eprintln!("crash test: {rounds} kill -9 rounds, {acked} acknowledged operations, {checked} checks");
-    assert!(acked > 500, "the load was too small to mean anything: {acked}");
+    let acked = fates
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|f| **f != Fate::Unknown)
+        .count();
+    eprintln!(
+        "crash test: {rounds} kill -9 rounds, {acked} acknowledged operations, {checked} checks"
+    );
+    assert!(
+        acked > 500,
+        "the load was too small to mean anything: {acked}"
+    );
 }
 
 fn verify(api: &str, fates: &BTreeMap<(String, String), Fate>, checked: &mut usize) {
     let mut present: BTreeSet<(String, String)> = BTreeSet::new();
     for r in 0..10 {
         let role = format!("role{r}");
-        let body: serde_json::Value = http().get(format!("{api}/v1/roles/{role}")).send().unwrap().json().unwrap();
+        let body: serde_json::Value = http()
+            .get(format!("{api}/v1/roles/{role}"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         for n in body["nodes"].as_array().unwrap() {
             let key = (role.clone(), n["node"].as_str().unwrap().to_owned());
             assert!(present.insert(key.clone()), "duplicated: {key:?}");
@@ -116,7 +143,10 @@ fn verify(api: &str, fates: &BTreeMap<(String, String), Fate>, checked: &mut usi
     }
     for (key, fate) in fates {
         match fate {
-            Fate::Registered => assert!(present.contains(key), "acknowledged registration lost: {key:?}"),
+            Fate::Registered => assert!(
+                present.contains(key),
+                "acknowledged registration lost: {key:?}"
+            ),
             Fate::Deleted => assert!(!present.contains(key), "deleted node came back: {key:?}"),
             Fate::Unknown => {}
         }

@@ -19,10 +19,23 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Put { role: u8, node: u8, addr: u8, ttl: u8 },
-    Renew { role: u8, node: u8 },
-    Delete { role: u8, node: u8 },
-    Advance { ms: u16 },
+    Put {
+        role: u8,
+        node: u8,
+        addr: u8,
+        ttl: u8,
+    },
+    Renew {
+        role: u8,
+        node: u8,
+    },
+    Delete {
+        role: u8,
+        node: u8,
+    },
+    Advance {
+        ms: u16,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -35,15 +48,27 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn key(role: u8, node: u8) -> NodeKey {
-    NodeKey { role: Label::parse(&format!("r{role}")).unwrap(), node: Label::parse(&format!("n{node}")).unwrap() }
+    NodeKey {
+        role: Label::parse(&format!("r{role}")).unwrap(),
+        node: Label::parse(&format!("n{node}")).unwrap(),
+    }
 }
 
 fn dns_addrs(cell: &arc_swap::ArcSwap<rollcall::dns::Snapshot>, role: u8) -> Vec<IpAddr> {
     let mut m = Message::new(7, MessageType::Query, OpCode::Query);
-    m.add_query(Query::query(Name::from_ascii(format!("r{role}.cluster.")).unwrap(), RecordType::A));
+    m.add_query(Query::query(
+        Name::from_ascii(format!("r{role}.cluster.")).unwrap(),
+        RecordType::A,
+    ));
     let mut out = Vec::new();
     let mut rot = 0;
-    answer(&cell.load(), &m.to_vec().unwrap(), &mut out, Transport::Tcp, &mut rot);
+    answer(
+        &cell.load(),
+        &m.to_vec().unwrap(),
+        &mut out,
+        Transport::Tcp,
+        &mut rot,
+    );
     let mut v: Vec<IpAddr> = Message::from_vec(&out)
         .unwrap()
         .answers
@@ -67,14 +92,25 @@ async fn check(ops: Vec<Op>) {
     };
     let builder = Arc::new(Mutex::new(Builder::new(settings, Vec::new())));
     let cell = builder.lock().unwrap().cell();
-    let (reg, _) = Registry::start(Box::new(MemoryStore), Loaded::default(), Box::new(builder), Limits::default(), CancellationToken::new());
+    let (reg, _) = Registry::start(
+        Box::new(MemoryStore),
+        Loaded::default(),
+        Box::new(builder),
+        Limits::default(),
+        CancellationToken::new(),
+    );
     // The model: key -> (addr, deadline).
     let mut model: BTreeMap<NodeKey, (IpAddr, Instant, u32)> = BTreeMap::new();
     let mut last_index = 0;
     for op in ops {
         let now = Instant::now();
         match op {
-            Op::Put { role, node, addr, ttl } => {
+            Op::Put {
+                role,
+                node,
+                addr,
+                ttl,
+            } => {
                 let addr: IpAddr = format!("10.0.0.{addr}").parse().unwrap();
                 let spec = NodeSpec {
                     addr,
@@ -85,7 +121,10 @@ async fn check(ops: Vec<Op>) {
                     meta: Default::default(),
                 };
                 reg.put(key(role, node), spec).await.unwrap();
-                model.insert(key(role, node), (addr, now + Duration::from_secs(ttl.into()), ttl.into()));
+                model.insert(
+                    key(role, node),
+                    (addr, now + Duration::from_secs(ttl.into()), ttl.into()),
+                );
             }
             Op::Renew { role, node } => {
                 let found = reg.renew(key(role, node)).await.unwrap();
@@ -109,23 +148,39 @@ async fn check(ops: Vec<Op>) {
         // deadline, so compare only nodes clearly inside or outside their lease.
         let now = Instant::now();
         let index = reg.index();
-        assert!(index >= last_index, "index went back: {index} < {last_index}");
+        assert!(
+            index >= last_index,
+            "index went back: {index} < {last_index}"
+        );
         last_index = index;
         for role in 0..3u8 {
-            let info = reg.role(Label::parse(&format!("r{role}")).unwrap()).await.unwrap();
+            let info = reg
+                .role(Label::parse(&format!("r{role}")).unwrap())
+                .await
+                .unwrap();
             let live: Vec<&NodeKey> = info.nodes.iter().map(|n| &n.key).collect();
-            for (k, (_, deadline, _)) in model.iter().filter(|(k, _)| k.role.as_str() == format!("r{role}")) {
+            for (k, (_, deadline, _)) in model
+                .iter()
+                .filter(|(k, _)| k.role.as_str() == format!("r{role}"))
+            {
                 if *deadline > now {
                     assert!(live.contains(&k), "{k:?} missing before its deadline");
                 } else {
                     assert!(!live.contains(&k), "{k:?} outlived its lease");
                 }
             }
-            assert!(live.iter().all(|k| model.contains_key(*k)), "a node the model does not have");
+            assert!(
+                live.iter().all(|k| model.contains_key(*k)),
+                "a node the model does not have"
+            );
             // The DNS snapshot answers exactly the registry's live set.
             let mut want: Vec<IpAddr> = info.nodes.iter().map(|n| n.spec.addr).collect();
             want.sort();
-            assert_eq!(dns_addrs(&cell, role), want, "DNS differs from the registry for r{role}");
+            assert_eq!(
+                dns_addrs(&cell, role),
+                want,
+                "DNS differs from the registry for r{role}"
+            );
         }
         model.retain(|_, (_, deadline, _)| *deadline > now);
     }

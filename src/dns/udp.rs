@@ -77,20 +77,35 @@ pub fn spawn(
 /// to the sender) and sends the responses in one batch. Returns when `shutdown` fires.
 ///
 /// Also used by the benchmark suite's null responder, so that both pay the same syscalls.
-pub fn serve_batched(socket: &UdpSocket, shutdown: &CancellationToken, mut respond: impl FnMut(&[u8], &mut Vec<u8>) -> bool) {
+pub fn serve_batched(
+    socket: &UdpSocket,
+    shutdown: &CancellationToken,
+    mut respond: impl FnMut(&[u8], &mut Vec<u8>) -> bool,
+) {
     let fd = socket.as_raw_fd();
     let mut bufs = vec![[0u8; MAX_DATAGRAM]; BATCH];
-    let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(MAX_DATAGRAM)).collect();
+    let mut outs: Vec<Vec<u8>> = (0..BATCH)
+        .map(|_| Vec::with_capacity(MAX_DATAGRAM))
+        .collect();
     // SAFETY (all blocks below): the arrays are sized BATCH, every pointer placed in a header
     // points into `bufs`, `outs` or `addrs`, which outlive the calls and are not moved or
     // resized while the kernel holds the pointers (only during recvmmsg/sendmmsg).
     let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut rx_iov: Vec<libc::iovec> = bufs
         .iter_mut()
-        .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: MAX_DATAGRAM })
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: MAX_DATAGRAM,
+        })
         .collect();
     let mut rx: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
-    let mut tx_iov: Vec<libc::iovec> = vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH];
+    let mut tx_iov: Vec<libc::iovec> = vec![
+        libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0
+        };
+        BATCH
+    ];
     let mut tx: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let addr_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
 
@@ -102,10 +117,21 @@ pub fn serve_batched(socket: &UdpSocket, shutdown: &CancellationToken, mut respo
             rx[i].msg_hdr.msg_iovlen = 1;
             rx[i].msg_len = 0;
         }
-        let n = unsafe { libc::recvmmsg(fd, rx.as_mut_ptr(), BATCH as u32, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                rx.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
         if n <= 0 {
             let e = io::Error::last_os_error();
-            if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) {
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) {
                 tracing::debug!(error = %e, "udp receive failed");
             }
             continue;
@@ -120,7 +146,10 @@ pub fn serve_batched(socket: &UdpSocket, shutdown: &CancellationToken, mut respo
             if !respond(query, out) {
                 continue;
             }
-            tx_iov[count] = libc::iovec { iov_base: out.as_mut_ptr().cast(), iov_len: out.len() };
+            tx_iov[count] = libc::iovec {
+                iov_base: out.as_mut_ptr().cast(),
+                iov_len: out.len(),
+            };
             tx[count].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
             tx[count].msg_hdr.msg_namelen = rx[i].msg_hdr.msg_namelen;
             tx[count].msg_hdr.msg_iov = &mut tx_iov[count];
@@ -129,7 +158,8 @@ pub fn serve_batched(socket: &UdpSocket, shutdown: &CancellationToken, mut respo
         }
         let mut sent = 0;
         while sent < count {
-            let r = unsafe { libc::sendmmsg(fd, tx[sent..].as_mut_ptr(), (count - sent) as u32, 0) };
+            let r =
+                unsafe { libc::sendmmsg(fd, tx[sent..].as_mut_ptr(), (count - sent) as u32, 0) };
             if r <= 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -148,12 +178,14 @@ fn source_port(addr: &libc::sockaddr_storage) -> u16 {
     match i32::from(addr.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says this storage holds a sockaddr_in.
-            let sin = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             u16::from_be(sin.sin_port)
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this storage holds a sockaddr_in6.
-            let sin6 = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             u16::from_be(sin6.sin6_port)
         }
         _ => 0,
