@@ -122,7 +122,7 @@ pub struct RegisterArgs {
     #[arg(long, env = "ROLLCALL_ROLE")]
     pub role: String,
 
-    /// Node name (a DNS label). Default: this host's name.
+    /// Node name (a DNS label). Default: this host's name (its first label, lower-cased).
     #[arg(long, env = "ROLLCALL_NODE")]
     pub node: Option<String>,
 
@@ -150,8 +150,9 @@ pub struct RegisterArgs {
     #[arg(long, env = "ROLLCALL_CHECK")]
     pub check: Option<String>,
 
-    /// After SIGTERM with a child command: time between deregistering and passing the signal
-    /// on, so resolvers stop handing out the address (default: record TTL + 1 s = 6s).
+    /// After SIGTERM/SIGINT with a child command: time between deregistering and passing the
+    /// signal on, so resolvers stop handing out the address (default: record TTL + 1 s = 6s;
+    /// e.g. 2s, 500ms, 0). A second signal cuts it short.
     #[arg(long, env = "ROLLCALL_DRAIN", default_value = "6s")]
     pub drain: String,
 
@@ -163,7 +164,8 @@ pub struct RegisterArgs {
     #[arg(long, env = "ROLLCALL_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
 
-    /// Command to run as a child: registered while it runs, exit code passed through.
+    /// Command to run as a child (in its own process group): registered while it runs, signals
+    /// passed on to it, its exit code passed through (128+N when killed by signal N).
     #[arg(last = true)]
     pub command: Vec<String>,
 }

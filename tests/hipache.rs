@@ -191,6 +191,15 @@ impl RedisProc {
     }
 }
 
+impl RedisProc {
+    /// Kills redis (by PID) and waits for it; the port is free again afterwards.
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.conns.lock().unwrap().clear();
+    }
+}
+
 impl Drop for RedisProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -445,7 +454,7 @@ fn redis_restarted_empty_gets_the_lists_back() {
     s.redis.wait_list(key, &two);
 
     let port = s.redis.port;
-    drop(std::mem::replace(&mut s.redis, RedisProc::start(&[])));
+    s.redis.stop();
     // Down long enough for several retries; they are logged at debug level only.
     sync.wait_log(&["redis at", "is unreachable"], 1);
     sync.wait_log(&["still failing"], 3);
