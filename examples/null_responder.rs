@@ -24,7 +24,7 @@ fn main() {
         .map(|s| {
             let shutdown = shutdown.clone();
             std::thread::spawn(move || {
-                udp::serve_batched(&s, &shutdown, |query, out| {
+                udp::serve_batched(&s, &shutdown, |query, _source, out| {
                     out.clear();
                     out.extend_from_slice(query);
                     if let Some(flags) = out.get_mut(2) {

@@ -103,6 +103,15 @@ pub struct ServeArgs {
     )]
     pub allow_register: Vec<String>,
 
+    /// Only DNS clients inside these networks get answers; others get REFUSED (repeatable).
+    /// Default: everyone.
+    #[arg(
+        long = "allow-query",
+        env = "ROLLCALL_ALLOW_QUERY",
+        value_delimiter = ','
+    )]
+    pub allow_query: Vec<String>,
+
     /// Most nodes registered at once; registrations beyond get HTTP 507.
     #[arg(long, env = "ROLLCALL_MAX_NODES", default_value_t = 200_000)]
     pub max_nodes: usize,

@@ -25,6 +25,8 @@ pub struct ServeConfig {
     pub ns_name: Name,
     pub dns_threads: usize,
     pub access: Access,
+    /// DNS clients allowed to query (empty: everyone).
+    pub allow_query: Vec<IpNet>,
     pub limits: Limits,
 }
 
@@ -63,6 +65,18 @@ pub fn read_token(
         )),
         t => Ok(t),
     }
+}
+
+/// `10.0.0.0/8` or a bare address, per flag value.
+fn parse_nets(flag: &str, values: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    values
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| err(format!("--{flag} {s:?} is not a network (e.g. 10.0.0.0/8)")))
+        })
+        .collect()
 }
 
 impl ServeConfig {
@@ -115,6 +129,7 @@ impl ServeConfig {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let allow_query = parse_nets("allow-query", &a.allow_query)?;
         let token = read_token(a.token, a.token_file.as_ref())?;
         let dns_threads = match a.dns_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -135,6 +150,7 @@ impl ServeConfig {
                 token_reads: a.token_reads,
                 allow_register,
             },
+            allow_query,
             limits: Limits {
                 max_nodes: a.max_nodes,
                 max_nodes_per_role: a.max_nodes_per_role,
@@ -155,6 +171,7 @@ impl ServeConfig {
             ns_name: Name::from_ascii("ns.cluster.").unwrap(),
             dns_threads: 1,
             access: Access::default(),
+            allow_query: Vec::new(),
             limits: Limits::default(),
         }
     }

@@ -155,25 +155,18 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         shutdown.clone(),
     );
 
-    let udp_threads = dns::udp::spawn(udp, cell.clone(), shutdown.clone());
+    let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();
+    let udp_threads = dns::udp::spawn(udp, cell.clone(), allow_query.clone(), shutdown.clone());
     let tcp = TcpListener::from_std(tcp)
         .map_err(|e| bind_error(e, dns_addr, "DNS over TCP", "dns-listen"))?;
-    let tcp_task = tokio::spawn(dns::tcp::serve(tcp, cell, shutdown.clone()));
+    let tcp_task = tokio::spawn(dns::tcp::serve(tcp, cell, allow_query, shutdown.clone()));
 
-    let state = AppState {
-        registry: registry.clone(),
-        access: Arc::new(config.access.clone()),
-        shutdown: shutdown.clone(),
-    };
-    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let http_shutdown = shutdown.clone();
-    let http_task = tokio::spawn(async move {
-        let serve = axum::serve(http, app)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "http server failed");
-        }
-    });
+    let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone());
+    let http_task = tokio::spawn(api::serve::serve(
+        http,
+        api::router(state),
+        shutdown.clone(),
+    ));
 
     tracing::info!(udp = %dns_addr, tcp = %dns_addr, threads = config.dns_threads, zone = %config.zone, "listening for DNS");
     tracing::info!(http = %http_addr, "listening for HTTP");

@@ -355,3 +355,31 @@ fn help_shows_every_flag_with_default_and_env() {
         );
     }
 }
+
+#[test]
+fn slow_clients_are_cut_off_and_do_not_block_others() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), dir.path(), &[]);
+    // A slowloris: half a request line, then nothing.
+    let mut slow = std::net::TcpStream::connect(server.http).unwrap();
+    slow.write_all(b"PUT /v1/roles/app/nodes/a1 HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // Others are served meanwhile.
+    assert_eq!(
+        put(&server.api(), "app", "a2", r#"{"addr":"10.0.0.2"}"#).status(),
+        200
+    );
+    // The slow one is closed once the header timeout (10 s) passes.
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = t.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "still open after {waited:?}"
+    );
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+}

@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod model;
+pub mod serve;
 pub mod session;
 
 use std::collections::BTreeMap;
@@ -51,6 +52,38 @@ pub struct AppState {
     pub access: Arc<Access>,
     /// Fires when the server stops: sessions then end without deregistering anyone.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Caps on long-lived requests: blocking queries and sessions each hold a permit.
+    pub waiters: Arc<tokio::sync::Semaphore>,
+    pub sessions: Arc<tokio::sync::Semaphore>,
+}
+
+/// Blocking queries in progress at most; more get 503.
+pub const MAX_WAITERS: usize = 10_000;
+/// Open sessions at most; more get 503 (agents fall back to PUT renewals).
+pub const MAX_SESSIONS: usize = 50_000;
+
+impl AppState {
+    pub fn new(
+        registry: Registry,
+        access: Access,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> AppState {
+        AppState {
+            registry,
+            access: Arc::new(access),
+            shutdown,
+            waiters: Arc::new(tokio::sync::Semaphore::new(MAX_WAITERS)),
+            sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
+        }
+    }
+}
+
+/// 503 for a request over one of the caps.
+fn busy(what: &str, limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("too many {what} in progress (limit {limit}): retry later"),
+    )
 }
 
 /// The whole API as a router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
@@ -304,6 +337,11 @@ async fn role_get(
     let info = match params.index {
         None => state.registry.role(role).await?,
         Some(index) => {
+            let _permit = state
+                .waiters
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| busy("blocking queries", MAX_WAITERS))?;
             let index: u64 = index.parse().map_err(|_| {
                 ApiError::bad_request(format!("index {index:?} is not a non-negative integer"))
             })?;

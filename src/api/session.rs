@@ -22,6 +22,11 @@ pub async fn session(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let key = parse_key(&role, &node)?;
+    let permit = state
+        .sessions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| super::busy("sessions", super::MAX_SESSIONS))?;
     let Some(id) = state.registry.session_open(key.clone()).await? else {
         return Err(ApiError::not_found(format!(
             "node {node} is not registered under role {role}: PUT it first, then open its session"
@@ -29,7 +34,10 @@ pub async fn session(
     };
     tracing::debug!(%role, %node, %peer, "session opened");
     Ok(ws
-        .on_upgrade(move |socket| hold(socket, state, key, id))
+        .on_upgrade(move |socket| async move {
+            hold(socket, state, key, id).await;
+            drop(permit);
+        })
         .into_response())
 }
 

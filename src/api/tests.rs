@@ -27,11 +27,7 @@ fn app_with(access: Access) -> (Router, Registry) {
         Limits::default(),
         token.clone(),
     );
-    let state = AppState {
-        registry: registry.clone(),
-        access: Arc::new(access),
-        shutdown: token,
-    };
+    let state = AppState::new(registry.clone(), access, token);
     let peer: SocketAddr = "10.1.2.3:40000".parse().unwrap();
     (router(state).layer(MockConnectInfo(peer)), registry)
 }

@@ -19,6 +19,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub async fn serve(
     listener: TcpListener,
     snapshots: Arc<ArcSwap<Snapshot>>,
+    allow: Arc<[ipnet::IpNet]>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -34,6 +35,10 @@ pub async fn serve(
                 }
             },
         };
+        if !allow.is_empty() && !super::udp::allowed(&allow, peer.ip()) {
+            tracing::debug!(%peer, "dns tcp client outside --allow-query, closing");
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "too many dns tcp connections, closing");
             continue;

@@ -14,7 +14,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 
 use super::snapshot::Snapshot;
-use super::wire::{answer, Outcome, Transport};
+use super::wire::{answer, refuse, Outcome, Transport};
+use ipnet::IpNet;
+use std::net::IpAddr;
 
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
 pub const BATCH: usize = 32;
@@ -48,6 +50,7 @@ pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
 pub fn spawn(
     sockets: Vec<UdpSocket>,
     snapshots: Arc<ArcSwap<Snapshot>>,
+    allow: Arc<[IpNet]>,
     shutdown: CancellationToken,
 ) -> Vec<std::thread::JoinHandle<()>> {
     sockets
@@ -56,12 +59,18 @@ pub fn spawn(
         .map(|(i, socket)| {
             let snapshots = snapshots.clone();
             let shutdown = shutdown.clone();
+            let allow = allow.clone();
             std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
                 .spawn(move || {
                     let mut cache = arc_swap::Cache::new(&*snapshots);
                     let mut rotation = 0u32;
-                    serve_batched(&socket, &shutdown, |query, out| {
+                    serve_batched(&socket, &shutdown, |query, source, out| {
+                        if !allow.is_empty()
+                            && !source_ip(source).is_some_and(|ip| allowed(&allow, ip))
+                        {
+                            return matches!(refuse(query, out), Outcome::Answered { .. });
+                        }
                         matches!(
                             answer(cache.load(), query, out, Transport::Udp, &mut rotation),
                             Outcome::Answered { .. }
@@ -73,14 +82,14 @@ pub fn spawn(
         .collect()
 }
 
-/// Receives datagrams in batches, calls `respond(query, out)` for each (true: send `out` back
+/// Receives datagrams in batches, calls `respond(query, source, out)` for each (true: send `out` back
 /// to the sender) and sends the responses in one batch. Returns when `shutdown` fires.
 ///
 /// Also used by the benchmark suite's null responder, so that both pay the same syscalls.
 pub fn serve_batched(
     socket: &UdpSocket,
     shutdown: &CancellationToken,
-    mut respond: impl FnMut(&[u8], &mut Vec<u8>) -> bool,
+    mut respond: impl FnMut(&[u8], &libc::sockaddr_storage, &mut Vec<u8>) -> bool,
 ) {
     let fd = socket.as_raw_fd();
     let mut bufs = vec![[0u8; MAX_DATAGRAM]; BATCH];
@@ -143,7 +152,7 @@ pub fn serve_batched(
                 continue;
             }
             let (query, out) = (&bufs[i][..len], &mut outs[count]);
-            if !respond(query, out) {
+            if !respond(query, &addrs[i], out) {
                 continue;
             }
             tx_iov[count] = libc::iovec {
@@ -189,5 +198,34 @@ fn source_port(addr: &libc::sockaddr_storage) -> u16 {
             u16::from_be(sin6.sin6_port)
         }
         _ => 0,
+    }
+}
+
+/// True when `ip` (IPv4-mapped IPv6 folded to IPv4) is inside one of `nets`.
+pub fn allowed(nets: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        ip => ip,
+    };
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+fn source_ip(addr: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this storage holds a sockaddr_in.
+            let sin =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::from(
+                u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this storage holds a sockaddr_in6.
+            let sin6 =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+        }
+        _ => None,
     }
 }

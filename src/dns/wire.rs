@@ -286,6 +286,15 @@ fn write_header(q: &[u8], out: &mut Vec<u8>, rcode: u8, aa: bool, counts: [u16; 
     }
 }
 
+/// REFUSED for a client outside `--allow-query` (or any query that must not be answered).
+pub fn refuse(q: &[u8], out: &mut Vec<u8>) -> Outcome {
+    out.clear();
+    if q.len() < 12 || q[2] & 0x80 != 0 {
+        return Outcome::Drop;
+    }
+    header_only(q, out, RCODE_REFUSED)
+}
+
 fn header_only(q: &[u8], out: &mut Vec<u8>, rcode: u8) -> Outcome {
     write_header(q, out, rcode, false, [0; 4]);
     Outcome::Answered {
