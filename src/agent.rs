@@ -545,11 +545,22 @@ impl Keeper {
     }
 
     async fn put(&mut self) -> Result<String, PutError> {
+        // Until the answer is in, the PUT may have landed (even if this future is dropped).
+        let before = self.registered;
         self.registered = true;
         let req = self
             .auth(self.http.put(self.plan.node_url()))
             .json(&self.plan.body);
-        let resp = req.send().await.map_err(|e| PutError::Retry(chain(&e)))?;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.is_connect() {
+                    // Never reached the server: nothing changed there.
+                    self.registered = before;
+                }
+                return Err(PutError::Retry(chain(&e)));
+            }
+        };
         let status = resp.status();
         if status.is_success() {
             let v: serde_json::Value = resp.json().await.unwrap_or_default();
@@ -562,6 +573,8 @@ impl Keeper {
             .unwrap_or(text);
         let detail = format!("HTTP {status}: {}", msg.trim());
         if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
+            // A refused request changes nothing.
+            self.registered = before;
             Err(PutError::Rejected(detail))
         } else {
             Err(PutError::Retry(detail))
@@ -692,12 +705,13 @@ impl Keeper {
         let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
     }
 
-    /// Keeps the node registered until `stop`, then deregisters it.
+    /// Keeps the node registered until `stop`, then deregisters it. Returns whether it was
+    /// (or may have been) registered when stopped, i.e. whether resolvers may still hold it.
     async fn keep(
         mut self,
         stop: CancellationToken,
         mut check: Option<watch::Receiver<CheckState>>,
-    ) {
+    ) -> bool {
         let mut backoff = Backoff::new();
         let cap = self.plan.backoff_cap();
         // In PUT-renewal mode: no session attempt before this.
@@ -771,7 +785,7 @@ impl Keeper {
                             HoldEnd::Stopped(ws) => {
                                 self.deregister().await;
                                 Self::close(ws).await;
-                                return;
+                                return true;
                             }
                             HoldEnd::CheckFailed(ws) => {
                                 self.deregister().await;
@@ -839,12 +853,14 @@ impl Keeper {
                 }
             }
         }
-        if self.registered {
+        let was = self.registered;
+        if was {
             self.deregister().await;
         }
         if let Some(ws) = self.stale.take() {
             Self::close(ws).await;
         }
+        was
     }
 }
 
@@ -977,7 +993,7 @@ async fn supervise(
     mut child: tokio::process::Child,
     plan: Arc<Plan>,
     stop: CancellationToken,
-    keeper: JoinHandle<()>,
+    keeper: JoinHandle<bool>,
     mut term: tokio::signal::unix::Signal,
     mut int: tokio::signal::unix::Signal,
 ) -> Result<u8, (u8, String)> {
@@ -1054,16 +1070,18 @@ async fn supervise(
             }
         };
         if let Some(k) = keeper.take() {
-            tracing::info!(
-                signal = signal_name(stop_sig),
-                "stopping: deregistering, then draining for {} before passing the signal on",
-                fmt_dur(plan.drain)
-            );
+            tracing::info!(signal = signal_name(stop_sig), "stopping: deregistering");
             stop.cancel();
-            let _ = k.await;
-            if plan.drain.is_zero() {
+            let was_registered = k.await.unwrap_or(true);
+            if plan.drain.is_zero() || !was_registered {
+                // Nothing to drain when no resolver was ever handed the address.
+                tracing::info!(signal = signal_name(stop_sig), pid, "passing the signal on");
                 forward(pid, stop_sig);
             } else {
+                tracing::info!(
+                    "draining for {} before passing the signal on (a second signal cuts it short)",
+                    fmt_dur(plan.drain)
+                );
                 pending = Some((stop_sig, Instant::now() + plan.drain));
             }
         } else {

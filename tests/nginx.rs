@@ -1000,6 +1000,65 @@ fn agent_passes_on_the_command_exit_code() {
     assert_eq!(status.code(), Some(1));
 }
 
+/// The drain after SIGTERM: skipped when the node was never registered (nothing to drain), cut
+/// short by a second signal.
+#[test]
+fn agent_drain_is_skipped_when_unregistered_and_cut_by_a_second_signal() {
+    // Never registered: the server is not there. SIGTERM reaches the command at once.
+    let unused = TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = format!("http://{}", unused.local_addr().unwrap());
+    drop(unused);
+    let mut a = Killed(agent(
+        &api,
+        &[
+            "--role", "d", "--node", "d1", "--drain", "30s", "--", "sleep", "60",
+        ],
+    ));
+    assert!(eventually(Duration::from_secs(10), || !children_of(
+        a.0.id()
+    )
+    .is_empty()));
+    let t = Instant::now();
+    kill(a.0.id(), libc::SIGTERM);
+    let status = wait_exit(&mut a.0, Duration::from_secs(10))
+        .expect("the agent waited out a drain for a node that was never registered");
+    assert_eq!(status.code(), Some(143), "sleep killed by SIGTERM");
+    eprintln!("unregistered: SIGTERM -> exit in {:?}", t.elapsed());
+
+    // Registered: the first SIGTERM deregisters and starts a 30-s drain; a second one ends it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &dir.path().join("zones"), &[]);
+    let mut a = Killed(agent(
+        &server.api(),
+        &[
+            "--role", "d", "--node", "d2", "--drain", "30s", "--", "sleep", "60",
+        ],
+    ));
+    let name = "d2.d.cluster.";
+    let present = || dns_a(server.dns, name).is_some_and(|a| !a.is_empty());
+    assert!(eventually(Duration::from_secs(10), present));
+    kill(a.0.id(), libc::SIGTERM);
+    assert!(
+        eventually(Duration::from_secs(5), || !present()),
+        "not deregistered"
+    );
+    assert!(
+        wait_exit(&mut a.0, Duration::from_millis(500)).is_none(),
+        "the command was stopped without a drain"
+    );
+    let sleep = children_of(a.0.id());
+    assert!(
+        sleep.iter().all(|p| alive(*p)) && !sleep.is_empty(),
+        "the command is still running during the drain"
+    );
+    let t = Instant::now();
+    kill(a.0.id(), libc::SIGTERM);
+    let status = wait_exit(&mut a.0, Duration::from_secs(10))
+        .expect("a second SIGTERM did not end the drain");
+    assert_eq!(status.code(), Some(143));
+    eprintln!("second SIGTERM -> exit in {:?}", t.elapsed());
+}
+
 // ---------------------------------------------------------------------------------------------
 // A real silent network loss: the agent in its own network namespace, the link taken down.
 
