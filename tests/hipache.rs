@@ -933,3 +933,62 @@ fn bad_flags_exit_2_with_a_hint() {
         assert!(help.contains(flag), "--help lacks {flag}: {help}");
     }
 }
+
+/// The frontservers' own agents (`rollcall register`): SIGTERM deregisters at once, and so does
+/// `kill -9` (the agent's session closes); the list follows both.
+#[test]
+fn agents_leaving_are_followed() {
+    let s = Stack::start();
+    let api = s.serve.api();
+    let key = "frontend:www.example.test";
+    let _sync = s.sync(&["--frontend", "www.example.test"]);
+    let agent = |n: u8| {
+        Command::new(rollcall_bin())
+            .args(["register", "--api", &api, "--role", ROLE])
+            .args([
+                "--node",
+                &format!("front{n}"),
+                "--addr",
+                &format!("10.0.0.{n}"),
+            ])
+            .args(["--port", "8080", "--ttl", "60"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut agents: Vec<Child> = (1..=3).map(agent).collect();
+    s.redis.wait_list(
+        key,
+        &list(
+            ROLE,
+            &[
+                "http://10.0.0.1:8080",
+                "http://10.0.0.2:8080",
+                "http://10.0.0.3:8080",
+            ],
+        ),
+    );
+
+    let ok = Command::new("kill")
+        .args(["-TERM", &agents[1].id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // Within CONVERGE (20 s), far sooner than the 60 s lease: the agent deregistered.
+    s.redis.wait_list(
+        key,
+        &list(ROLE, &["http://10.0.0.1:8080", "http://10.0.0.3:8080"]),
+    );
+    let _ = agents[1].wait();
+
+    agents[0].kill().unwrap(); // SIGKILL
+    let _ = agents[0].wait();
+    s.redis
+        .wait_list(key, &list(ROLE, &["http://10.0.0.3:8080"]));
+    for a in &mut agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+}
