@@ -71,7 +71,10 @@ pub fn dns_query(data: &[u8]) {
     for transport in [Transport::Udp, Transport::Tcp] {
         let mut rotation = data.first().copied().unwrap_or(0).into();
         let outcome = answer(&snap, data, &mut out, transport, &mut rotation);
-        let Outcome::Answered { rcode, truncated } = outcome else {
+        let Outcome::Answered {
+            rcode, truncated, ..
+        } = outcome
+        else {
             assert!(data.len() < 12 || data[2] & 0x80 != 0, "dropped a query");
             continue;
         };

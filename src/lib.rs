@@ -16,6 +16,7 @@ pub mod config;
 pub mod dns;
 pub mod fuzz;
 pub mod hipache;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod shutdown;

@@ -156,12 +156,26 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     );
 
     let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();
-    let udp_threads = dns::udp::spawn(udp, cell.clone(), allow_query.clone(), shutdown.clone());
+    let dns_stats = Arc::new(crate::metrics::DnsStats::default());
+    let udp_threads = dns::udp::spawn(
+        udp,
+        cell.clone(),
+        allow_query.clone(),
+        dns_stats.clone(),
+        shutdown.clone(),
+    );
     let tcp = TcpListener::from_std(tcp)
         .map_err(|e| bind_error(e, dns_addr, "DNS over TCP", "dns-listen"))?;
-    let tcp_task = tokio::spawn(dns::tcp::serve(tcp, cell, allow_query, shutdown.clone()));
+    let tcp_task = tokio::spawn(dns::tcp::serve(
+        tcp,
+        cell,
+        allow_query,
+        dns_stats.clone(),
+        shutdown.clone(),
+    ));
 
-    let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone());
+    let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone())
+        .with_dns_stats(dns_stats);
     let http_task = tokio::spawn(api::serve::serve(
         http,
         api::router(state),

@@ -598,3 +598,76 @@ async fn clients_outside_allow_query_are_refused() {
     let m = udp_query(running.dns_addr, "cluster.", RecordType::SOA, None);
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
 }
+
+/// Reads one sample's value from Prometheus text.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_queries_registrations_and_requests() {
+    let s = Server::start().await;
+    s.put("app", "a1", r#"{"addr":"10.0.0.1","ttl":60}"#).await;
+    s.put("app", "a1", r#"{"addr":"10.0.0.1","ttl":60}"#).await;
+    s.put("app", "a2", r#"{"addr":"10.0.0.2","ttl":60}"#).await;
+    assert_eq!(s.delete("app", "a2").await, 204);
+    for _ in 0..7 {
+        udp_query(s.dns(), "app.cluster.", RecordType::A, None);
+    }
+    udp_query(s.dns(), "nope.cluster.", RecordType::AAAA, None);
+    udp_query(s.dns(), "example.com.", RecordType::SRV, None);
+    tcp_query(s.dns(), "app.cluster.", RecordType::A);
+    let url = format!("http://{}/metrics", s.running.http_addr);
+    let text = s.http.get(url).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            r#"rollcall_dns_queries_total{transport="udp",qtype="A"}"#
+        ),
+        7.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"rollcall_dns_queries_total{transport="udp",qtype="AAAA"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"rollcall_dns_responses_total{transport="udp",rcode="NXDOMAIN"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"rollcall_dns_responses_total{transport="udp",rcode="REFUSED"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"rollcall_dns_queries_total{transport="tcp",qtype="A"}"#
+        ),
+        1.0
+    );
+    assert_eq!(sample(&text, "rollcall_registrations_total"), 2.0);
+    assert_eq!(sample(&text, "rollcall_renewals_total"), 1.0);
+    assert_eq!(sample(&text, "rollcall_deregistrations_total"), 1.0);
+    assert_eq!(sample(&text, r#"rollcall_nodes{role="app"}"#), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            r#"rollcall_http_request_duration_seconds_count{method="PUT",route="/v1/roles/{role}/nodes/{node}",status="200"}"#
+        ),
+        3.0
+    );
+}

@@ -55,6 +55,8 @@ pub struct AppState {
     /// Caps on long-lived requests: blocking queries and sessions each hold a permit.
     pub waiters: Arc<tokio::sync::Semaphore>,
     pub sessions: Arc<tokio::sync::Semaphore>,
+    pub dns_stats: Arc<crate::metrics::DnsStats>,
+    pub api_metrics: Arc<crate::metrics::ApiMetrics>,
 }
 
 /// Blocking queries in progress at most; more get 503.
@@ -74,7 +76,15 @@ impl AppState {
             shutdown,
             waiters: Arc::new(tokio::sync::Semaphore::new(MAX_WAITERS)),
             sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
+            dns_stats: Arc::default(),
+            api_metrics: Arc::default(),
         }
+    }
+
+    /// Uses the DNS transports' counters for `/metrics`.
+    pub fn with_dns_stats(mut self, stats: Arc<crate::metrics::DnsStats>) -> AppState {
+        self.dns_stats = stats;
+        self
     }
 }
 
@@ -105,8 +115,32 @@ pub fn router(state: AppState) -> Router {
             ApiError::not_found("no such endpoint: see the HTTP API section of the README")
         })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// Counts every request by method, matched route and status, with its latency.
+async fn record(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let resp = next.run(req).await;
+    state.api_metrics.record(
+        method.as_str(),
+        &route,
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    resp
 }
 
 /// Bearer-token check for writes (and reads with `--token-reads`), in constant time.
@@ -399,36 +433,21 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    use std::fmt::Write;
     let (index, roles) = state.registry.roles().await?;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_build_info Version of the running rollcall."
+    let roles: Vec<(String, usize)> = roles.into_iter().map(|(r, n)| (r.to_string(), n)).collect();
+    let text = crate::metrics::render(
+        &state.dns_stats,
+        state.registry.counters(),
+        &state.api_metrics,
+        index,
+        &roles,
     );
-    let _ = writeln!(out, "# TYPE rollcall_build_info gauge");
-    let _ = writeln!(
-        out,
-        "rollcall_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_index Generation index of the registry."
-    );
-    let _ = writeln!(out, "# TYPE rollcall_index counter");
-    let _ = writeln!(out, "rollcall_index {index}");
-    let _ = writeln!(out, "# HELP rollcall_nodes Live nodes per role.");
-    let _ = writeln!(out, "# TYPE rollcall_nodes gauge");
-    for (role, n) in roles {
-        let _ = writeln!(out, "rollcall_nodes{{role=\"{role}\"}} {n}");
-    }
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        out,
+        text,
     )
         .into_response())
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::snapshot::Snapshot;
 use super::wire::{answer, Outcome, Transport};
+use crate::metrics::DnsStats;
 
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -20,6 +21,7 @@ pub async fn serve(
     listener: TcpListener,
     snapshots: Arc<ArcSwap<Snapshot>>,
     allow: Arc<[ipnet::IpNet]>,
+    stats: Arc<DnsStats>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -45,17 +47,22 @@ pub async fn serve(
         };
         let snapshots = snapshots.clone();
         let shutdown = shutdown.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = connection(stream, &snapshots) => {}
+                _ = connection(stream, &snapshots, &stats) => {}
             }
             drop(permit);
         });
     }
 }
 
-async fn connection(mut stream: TcpStream, snapshots: &ArcSwap<Snapshot>) -> std::io::Result<()> {
+async fn connection(
+    mut stream: TcpStream,
+    snapshots: &ArcSwap<Snapshot>,
+    stats: &DnsStats,
+) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; 512];
     let mut out = Vec::with_capacity(4096);
@@ -78,7 +85,13 @@ async fn connection(mut stream: TcpStream, snapshots: &ArcSwap<Snapshot>) -> std
             Transport::Tcp,
             &mut rotation,
         );
-        if let Outcome::Answered { .. } = outcome {
+        if let Outcome::Answered {
+            rcode,
+            truncated,
+            qtype,
+        } = outcome
+        {
+            stats.tcp.answered(qtype, rcode, truncated);
             let mut framed = Vec::with_capacity(out.len() + 2);
             framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
             framed.extend_from_slice(&out);

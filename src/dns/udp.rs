@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::snapshot::Snapshot;
 use super::wire::{answer, refuse, Outcome, Transport};
 use ipnet::IpNet;
+
+use crate::metrics::DnsStats;
 use std::net::IpAddr;
 
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
@@ -51,6 +53,7 @@ pub fn spawn(
     sockets: Vec<UdpSocket>,
     snapshots: Arc<ArcSwap<Snapshot>>,
     allow: Arc<[IpNet]>,
+    stats: Arc<DnsStats>,
     shutdown: CancellationToken,
 ) -> Vec<std::thread::JoinHandle<()>> {
     sockets
@@ -60,21 +63,34 @@ pub fn spawn(
             let snapshots = snapshots.clone();
             let shutdown = shutdown.clone();
             let allow = allow.clone();
+            let counters = stats.udp_thread();
             std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
                 .spawn(move || {
                     let mut cache = arc_swap::Cache::new(&*snapshots);
                     let mut rotation = 0u32;
                     serve_batched(&socket, &shutdown, |query, source, out| {
-                        if !allow.is_empty()
+                        let outcome = if !allow.is_empty()
                             && !source_ip(source).is_some_and(|ip| allowed(&allow, ip))
                         {
-                            return matches!(refuse(query, out), Outcome::Answered { .. });
+                            refuse(query, out)
+                        } else {
+                            answer(cache.load(), query, out, Transport::Udp, &mut rotation)
+                        };
+                        match outcome {
+                            Outcome::Answered {
+                                rcode,
+                                truncated,
+                                qtype,
+                            } => {
+                                counters.answered(qtype, rcode, truncated);
+                                true
+                            }
+                            Outcome::Drop => {
+                                counters.dropped();
+                                false
+                            }
                         }
-                        matches!(
-                            answer(cache.load(), query, out, Transport::Udp, &mut rotation),
-                            Outcome::Answered { .. }
-                        )
                     })
                 })
                 .expect("spawning a thread")

@@ -39,9 +39,11 @@ pub enum Transport {
 pub enum Outcome {
     /// Nothing to send (a response packet, a runt).
     Drop,
+    /// `qtype` is 0 when the question could not be read.
     Answered {
         rcode: u8,
         truncated: bool,
+        qtype: u16,
     },
 }
 
@@ -103,6 +105,7 @@ pub fn answer(
         return Outcome::Answered {
             rcode: 16,
             truncated: false,
+            qtype: question.qtype,
         };
     }
     if question.qtype == TYPE_OPT {
@@ -300,6 +303,7 @@ fn header_only(q: &[u8], out: &mut Vec<u8>, rcode: u8) -> Outcome {
     Outcome::Answered {
         rcode,
         truncated: false,
+        qtype: 0,
     }
 }
 
@@ -317,6 +321,7 @@ fn respond(q: &[u8], question: &Question, out: &mut Vec<u8>, rcode: u8, opt: boo
     Outcome::Answered {
         rcode,
         truncated: false,
+        qtype: question.qtype,
     }
 }
 
@@ -359,6 +364,7 @@ fn negative(
     Outcome::Answered {
         rcode,
         truncated: false,
+        qtype: question.qtype,
     }
 }
 
@@ -385,6 +391,7 @@ fn from_template(
         return Outcome::Answered {
             rcode: RCODE_NOERROR,
             truncated: true,
+            qtype: question.qtype,
         };
     }
     let mut end = bytes.len();
@@ -414,6 +421,7 @@ fn from_template(
     Outcome::Answered {
         rcode: RCODE_NOERROR,
         truncated: false,
+        qtype: question.qtype,
     }
 }
 
@@ -488,6 +496,7 @@ fn answer_ptr(
         return Outcome::Answered {
             rcode: RCODE_NOERROR,
             truncated: true,
+            qtype: question.qtype,
         };
     }
     if opt {
@@ -496,5 +505,6 @@ fn answer_ptr(
     Outcome::Answered {
         rcode: RCODE_NOERROR,
         truncated: false,
+        qtype: question.qtype,
     }
 }

@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use model::*;
 
+use std::sync::Arc;
+
+use crate::metrics::RegistryCounters;
 use crate::store::{unix_ms, Loaded, Store, StoredNode, StoredRecord};
 
 /// Receives the roles whose visible set changed in a batch, before anyone is told of the change.
@@ -88,6 +91,7 @@ enum Command {
 pub struct Registry {
     tx: mpsc::Sender<Command>,
     index: watch::Receiver<u64>,
+    counters: Arc<RegistryCounters>,
 }
 
 impl Registry {
@@ -102,7 +106,9 @@ impl Registry {
     ) -> (Registry, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4096);
         let (index_tx, index) = watch::channel(0);
+        let counters = Arc::new(RegistryCounters::default());
         let mut writer = Writer {
+            counters: counters.clone(),
             roles: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             index: 0,
@@ -117,7 +123,14 @@ impl Registry {
         };
         writer.restore(loaded.nodes);
         let handle = tokio::spawn(writer.run(rx, shutdown));
-        (Registry { tx, index }, handle)
+        (
+            Registry {
+                tx,
+                index,
+                counters,
+            },
+            handle,
+        )
     }
 
     async fn call<T>(
@@ -190,6 +203,11 @@ impl Registry {
         }
     }
 
+    /// Event counters for `/metrics`.
+    pub fn counters(&self) -> &RegistryCounters {
+        &self.counters
+    }
+
     /// The current generation index, without asking the writer.
     pub fn index(&self) -> u64 {
         *self.index.borrow()
@@ -218,6 +236,7 @@ struct RoleState {
 }
 
 struct Writer {
+    counters: Arc<RegistryCounters>,
     roles: BTreeMap<Label, RoleState>,
     deadlines: BTreeSet<(Instant, NodeKey)>,
     index: u64,
@@ -343,6 +362,7 @@ impl Writer {
                 }))
             }
             Command::SessionOpen { key, reply } => {
+                RegistryCounters::inc(&self.counters.session_opens);
                 let id = self.next_session;
                 let lease = self
                     .roles
@@ -367,6 +387,7 @@ impl Writer {
                     .and_then(|r| r.nodes.get(&key.node))
                     .is_some_and(|l| l.session == Some(id));
                 if holds {
+                    RegistryCounters::inc(&self.counters.session_closes);
                     self.remove(&key, "session closed");
                 }
                 None
@@ -416,6 +437,7 @@ impl Writer {
             }
         }
         let changed = existing.is_none_or(|l| !l.spec.visible_eq(&spec));
+        let existing_before = existing.is_some();
         let expires_unix_ms = unix_ms() + u64::from(spec.ttl) * 1000;
         let record = if changed {
             let registered = existing.map_or(now, |l| l.registered);
@@ -451,6 +473,7 @@ impl Writer {
                 (old.registered, old.session)
             }
             None => {
+                RegistryCounters::inc(&self.counters.registrations);
                 self.total += 1;
                 tracing::info!(role = %key.role, node = %key.node, addr = %spec.addr, port = ?spec.port, ttl = spec.ttl, "registered");
                 (now, None)
@@ -458,6 +481,9 @@ impl Writer {
         };
         if changed {
             self.dirty.insert(key.role.clone());
+        }
+        if existing_before {
+            RegistryCounters::inc(&self.counters.renewals);
         }
         self.deadlines.insert((deadline, key.clone()));
         let info = NodeInfo {
@@ -487,6 +513,7 @@ impl Writer {
         else {
             return false;
         };
+        RegistryCounters::inc(&self.counters.renewals);
         let deadline = now + Duration::from_secs(lease.spec.ttl.into());
         self.deadlines.remove(&(lease.deadline, key.clone()));
         self.deadlines.insert((deadline, key.clone()));
@@ -521,6 +548,12 @@ impl Writer {
             tracing::error!(error = %e, "could not store a deregistration; the node may come back after a restart");
         }
         self.durable = true;
+        let counter = if why == "expired" {
+            &self.counters.expiries
+        } else {
+            &self.counters.deregistrations
+        };
+        RegistryCounters::inc(counter);
         tracing::info!(role = %key.role, node = %key.node, addr = %lease.spec.addr, "{why}");
         true
     }
@@ -541,6 +574,7 @@ impl Writer {
             return;
         }
         self.index += 1;
+        RegistryCounters::inc(&self.counters.publishes);
         let dirty = std::mem::take(&mut self.dirty);
         for role in &dirty {
             if let Some(r) = self.roles.get_mut(role) {

@@ -1,0 +1,352 @@
+//! Counters for `/metrics` (Prometheus text format).
+//!
+//! The DNS hot path counts into per-thread blocks ([`DnsCounters`]), each written by one thread
+//! only with plain relaxed load + store (no locked instruction, no shared cache line), and summed
+//! when `/metrics` is scraped. The registry writer counts into [`RegistryCounters`] (one
+//! writer, relaxed atomics). The API middleware records requests by route and status with a
+//! latency histogram ([`ApiMetrics`]).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Query types counted by name; everything else is "other".
+const QTYPES: [(u16, &str); 9] = [
+    (1, "A"),
+    (28, "AAAA"),
+    (33, "SRV"),
+    (12, "PTR"),
+    (6, "SOA"),
+    (2, "NS"),
+    (255, "ANY"),
+    (252, "AXFR"),
+    (0, "other"),
+];
+/// Response codes counted by name; index 6 is BADVERS, 7 anything else.
+const RCODES: [&str; 8] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS", "other",
+];
+
+/// One thread's (or one transport's) DNS counters.
+#[repr(align(128))]
+#[derive(Default)]
+pub struct DnsCounters {
+    qtype: [AtomicU64; QTYPES.len()],
+    rcode: [AtomicU64; RCODES.len()],
+    truncated: AtomicU64,
+    dropped: AtomicU64,
+}
+
+#[inline]
+fn bump(c: &AtomicU64) {
+    // Single writer per block: no read-modify-write instruction needed.
+    c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
+}
+
+impl DnsCounters {
+    /// Counts an answered query. Only the owning thread may call this (see module docs).
+    #[inline]
+    pub fn answered(&self, qtype: u16, rcode: u8, truncated: bool) {
+        let qi = QTYPES
+            .iter()
+            .position(|(t, _)| *t == qtype)
+            .unwrap_or(QTYPES.len() - 1);
+        bump(&self.qtype[qi]);
+        let ri = match rcode {
+            0..=5 => usize::from(rcode),
+            16 => 6,
+            _ => 7,
+        };
+        bump(&self.rcode[ri]);
+        if truncated {
+            bump(&self.truncated);
+        }
+    }
+
+    #[inline]
+    pub fn dropped(&self) {
+        bump(&self.dropped);
+    }
+}
+
+/// TCP answers come from many tasks: they share one block with atomic adds (TCP is rare).
+#[derive(Default)]
+pub struct SharedDnsCounters(DnsCounters);
+
+impl SharedDnsCounters {
+    pub fn answered(&self, qtype: u16, rcode: u8, truncated: bool) {
+        let c = &self.0;
+        let qi = QTYPES
+            .iter()
+            .position(|(t, _)| *t == qtype)
+            .unwrap_or(QTYPES.len() - 1);
+        c.qtype[qi].fetch_add(1, Relaxed);
+        let ri = match rcode {
+            0..=5 => usize::from(rcode),
+            16 => 6,
+            _ => 7,
+        };
+        c.rcode[ri].fetch_add(1, Relaxed);
+        if truncated {
+            c.truncated.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// All DNS counters: one block per UDP thread, one shared block for TCP.
+#[derive(Default)]
+pub struct DnsStats {
+    udp: Mutex<Vec<Arc<DnsCounters>>>,
+    pub tcp: SharedDnsCounters,
+}
+
+impl DnsStats {
+    /// A new block for one UDP thread.
+    pub fn udp_thread(&self) -> Arc<DnsCounters> {
+        let c = Arc::new(DnsCounters::default());
+        self.udp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c.clone());
+        c
+    }
+}
+
+/// Registry events, counted by the writer.
+#[derive(Default)]
+pub struct RegistryCounters {
+    pub registrations: AtomicU64,
+    pub renewals: AtomicU64,
+    pub deregistrations: AtomicU64,
+    pub expiries: AtomicU64,
+    pub session_opens: AtomicU64,
+    pub session_closes: AtomicU64,
+    pub publishes: AtomicU64,
+}
+
+impl RegistryCounters {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+const BUCKETS: [f64; 10] = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// API requests by (method, route, status), with latency.
+#[derive(Default)]
+pub struct ApiMetrics {
+    requests: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+}
+
+impl ApiMetrics {
+    pub fn record(&self, method: &str, route: &str, status: u16, took: Duration) {
+        let secs = took.as_secs_f64();
+        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let h = map
+            .entry((method.to_owned(), route.to_owned(), status))
+            .or_default();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                h.buckets[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+}
+
+fn sum_blocks<'a>(
+    blocks: impl Iterator<Item = &'a DnsCounters>,
+) -> ([u64; QTYPES.len()], [u64; RCODES.len()], u64, u64) {
+    let (mut q, mut r, mut t, mut d) = ([0; QTYPES.len()], [0; RCODES.len()], 0, 0);
+    for b in blocks {
+        for (i, c) in b.qtype.iter().enumerate() {
+            q[i] += c.load(Relaxed);
+        }
+        for (i, c) in b.rcode.iter().enumerate() {
+            r[i] += c.load(Relaxed);
+        }
+        t += b.truncated.load(Relaxed);
+        d += b.dropped.load(Relaxed);
+    }
+    (q, r, t, d)
+}
+
+/// Renders everything in Prometheus text format.
+pub fn render(
+    dns: &DnsStats,
+    reg: &RegistryCounters,
+    api: &ApiMetrics,
+    index: u64,
+    roles: &[(String, usize)],
+) -> String {
+    let mut out = String::with_capacity(4096);
+    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(
+        &mut out,
+        "rollcall_build_info",
+        "gauge",
+        "Version of the running rollcall.",
+    );
+    let _ = writeln!(
+        out,
+        "rollcall_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let udp = dns.udp.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let per_transport = [
+        ("udp", sum_blocks(udp.iter().map(|b| &**b))),
+        ("tcp", sum_blocks(std::iter::once(&dns.tcp.0))),
+    ];
+    head(
+        &mut out,
+        "rollcall_dns_queries_total",
+        "counter",
+        "DNS queries answered, by transport and query type.",
+    );
+    for (transport, (q, ..)) in &per_transport {
+        for (i, (_, name)) in QTYPES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "rollcall_dns_queries_total{{transport=\"{transport}\",qtype=\"{name}\"}} {}",
+                q[i]
+            );
+        }
+    }
+    head(
+        &mut out,
+        "rollcall_dns_responses_total",
+        "counter",
+        "DNS responses, by transport and response code.",
+    );
+    for (transport, (_, r, ..)) in &per_transport {
+        for (i, name) in RCODES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "rollcall_dns_responses_total{{transport=\"{transport}\",rcode=\"{name}\"}} {}",
+                r[i]
+            );
+        }
+    }
+    head(
+        &mut out,
+        "rollcall_dns_truncated_total",
+        "counter",
+        "UDP answers sent with TC set (the client retries over TCP).",
+    );
+    let _ = writeln!(
+        out,
+        "rollcall_dns_truncated_total {}",
+        per_transport[0].1 .2
+    );
+    head(
+        &mut out,
+        "rollcall_dns_dropped_total",
+        "counter",
+        "Datagrams dropped unanswered (runts, responses).",
+    );
+    let _ = writeln!(out, "rollcall_dns_dropped_total {}", per_transport[0].1 .3);
+
+    let events = [
+        (
+            "rollcall_registrations_total",
+            "New registrations.",
+            &reg.registrations,
+        ),
+        (
+            "rollcall_renewals_total",
+            "Lease renewals (PUT of an unchanged node, session heartbeats).",
+            &reg.renewals,
+        ),
+        (
+            "rollcall_deregistrations_total",
+            "Deregistrations (DELETE, closed sessions).",
+            &reg.deregistrations,
+        ),
+        (
+            "rollcall_expiries_total",
+            "Leases that ran out.",
+            &reg.expiries,
+        ),
+        (
+            "rollcall_session_opens_total",
+            "Sessions opened.",
+            &reg.session_opens,
+        ),
+        (
+            "rollcall_session_closes_total",
+            "Sessions whose connection closed while holding a node.",
+            &reg.session_closes,
+        ),
+        (
+            "rollcall_snapshot_publishes_total",
+            "DNS snapshots published.",
+            &reg.publishes,
+        ),
+    ];
+    for (name, help, c) in events {
+        head(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", c.load(Relaxed));
+    }
+    head(
+        &mut out,
+        "rollcall_index",
+        "gauge",
+        "Generation index of the registry.",
+    );
+    let _ = writeln!(out, "rollcall_index {index}");
+    head(&mut out, "rollcall_nodes", "gauge", "Live nodes per role.");
+    for (role, n) in roles {
+        let _ = writeln!(out, "rollcall_nodes{{role=\"{role}\"}} {n}");
+    }
+
+    head(
+        &mut out,
+        "rollcall_http_request_duration_seconds",
+        "histogram",
+        "HTTP API requests by method, route and status.",
+    );
+    let map = api
+        .requests
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for ((method, route, status), h) in map {
+        let labels = format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "rollcall_http_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {}",
+                h.buckets[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "rollcall_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(
+            out,
+            "rollcall_http_request_duration_seconds_sum{{{labels}}} {}",
+            h.sum
+        );
+        let _ = writeln!(
+            out,
+            "rollcall_http_request_duration_seconds_count{{{labels}}} {}",
+            h.count
+        );
+    }
+    out
+}
