@@ -243,8 +243,12 @@ pub struct StatusArgs {
     pub role: Option<String>,
 
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "ROLLCALL_JSON")]
     pub json: bool,
+
+    /// Redraw whenever the registrations change (blocking queries), until interrupted.
+    #[arg(long, env = "ROLLCALL_WATCH")]
+    pub watch: bool,
 
     /// Bearer token for the API (needed with --token-reads).
     #[arg(long, env = "ROLLCALL_TOKEN", hide_env_values = true)]

@@ -383,3 +383,91 @@ fn slow_clients_are_cut_off_and_do_not_block_others() {
     );
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
 }
+
+#[test]
+fn status_prints_roles_and_nodes_and_watches_changes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), dir.path(), &[]);
+    assert_eq!(
+        put(
+            &server.api(),
+            "appserver",
+            "app1",
+            r#"{"addr":"10.0.0.7","port":8080,"ttl":90}"#
+        )
+        .status(),
+        200
+    );
+    assert_eq!(
+        put(
+            &server.api(),
+            "frontserver",
+            "front1",
+            r#"{"addr":"10.0.0.9"}"#
+        )
+        .status(),
+        200
+    );
+
+    let out = Command::new(rollcall_bin())
+        .args(["status", "--api", &server.api()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ROLE"), "{text}");
+    let app = text.lines().find(|l| l.contains("app1")).expect("app1 row");
+    for cell in ["appserver", "10.0.0.7", "8080", "renewals (ttl 90s)"] {
+        assert!(app.contains(cell), "{app:?} lacks {cell}");
+    }
+    assert!(
+        text.contains("front1") && text.contains("2 nodes in 2 roles"),
+        "{text}"
+    );
+
+    let out = Command::new(rollcall_bin())
+        .args([
+            "status",
+            "--api",
+            &server.api(),
+            "--role",
+            "appserver",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["nodes"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["nodes"][0]["node"], "app1");
+
+    // --watch prints again when something changes.
+    let mut watch = Command::new(rollcall_bin())
+        .args(["status", "--api", &server.api(), "--json", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["nodes"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        put(&server.api(), "appserver", "app2", r#"{"addr":"10.0.0.8"}"#).status(),
+        200
+    );
+    let second: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(second["nodes"].as_array().unwrap().len(), 3);
+    assert!(second["index"].as_u64() > first["index"].as_u64());
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+
+    let out = Command::new(rollcall_bin())
+        .args(["status", "--api", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach rollcall"));
+}

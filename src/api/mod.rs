@@ -347,8 +347,31 @@ async fn node_get(
         })
 }
 
-async fn roles_list(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let (index, roles) = state.registry.roles().await?;
+async fn roles_list(
+    State(state): State<AppState>,
+    Query(params): Query<BlockingParams>,
+) -> Result<Response, ApiError> {
+    let (index, roles) = match params.index {
+        None => state.registry.roles().await?,
+        Some(index) => {
+            let _permit = state
+                .waiters
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| busy("blocking queries", MAX_WAITERS))?;
+            let index: u64 = index.parse().map_err(|_| {
+                ApiError::bad_request(format!("index {index:?} is not a non-negative integer"))
+            })?;
+            let wait = params
+                .wait
+                .as_deref()
+                .map(parse_wait)
+                .transpose()?
+                .unwrap_or(DEFAULT_WAIT)
+                .min(MAX_WAIT);
+            state.registry.roles_after(index, wait).await?
+        }
+    };
     let body = RolesOut {
         index,
         roles: roles.into_iter().map(|(r, n)| (r.to_string(), n)).collect(),

@@ -208,6 +208,25 @@ impl Registry {
         &self.counters
     }
 
+    /// Blocking form of [`Registry::roles`]: returns once the generation index exceeds
+    /// `index`, or after `wait`.
+    pub async fn roles_after(
+        &self,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(u64, Vec<(Label, usize)>), RegistryError> {
+        let mut changes = self.index.clone();
+        let deadline = Instant::now() + wait;
+        while *changes.borrow_and_update() <= index {
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(RegistryError::Closed),
+                Err(_) => break,
+            }
+        }
+        self.roles().await
+    }
+
     /// The current generation index, without asking the writer.
     pub fn index(&self) -> u64 {
         *self.index.borrow()
