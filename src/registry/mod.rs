@@ -2,9 +2,10 @@
 //!
 //! One writer task ([`Writer`]) owns every lease. The HTTP API and the session endpoint talk to it
 //! through a [`Registry`] handle (an mpsc channel of [`Command`]s with oneshot replies). Each
-//! loop iteration takes a batch of commands, applies them, expires due leases, makes the batch
-//! durable in the [`Store`], hands the roles whose visible set changed to the [`Publish`]er (the
-//! DNS snapshot builder) and only then replies: a `PUT` that got its 200 is already in DNS.
+//! loop iteration takes a batch of commands, applies them (appending each change to the
+//! [`Store`]), expires due leases, hands the roles whose visible set changed to the
+//! [`Publish`]er (the DNS snapshot builder), makes the batch durable (fsync) and only then
+//! replies: a `PUT` that got its 200 is on disk and already in DNS.
 //!
 //! The registry does no network IO and knows nothing of DNS wire formats or JSON.
 
@@ -347,10 +348,12 @@ impl Writer {
                 }
             }
             self.expire(now);
+            // Written ahead (appended) already; publish, then make durable, then acknowledge:
+            // DNS sees a change as early as possible, a client only once it is on disk.
+            self.publish();
             if let Err(e) = self.store.commit(std::mem::take(&mut self.durable)) {
                 tracing::error!(error = %e, "could not sync the data dir; registrations may not survive a crash");
             }
-            self.publish();
             for reply in replies.drain(..) {
                 reply();
             }
