@@ -20,8 +20,169 @@ pub struct Cli {
     #[arg(long, global = true, env = "ROLLCALL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// TOML file with defaults for any flag: top-level `log-format`, and one table per
+    /// subcommand (`[serve]`, `[register]`, `[hipache-sync]`, `[status]`) whose keys are flag
+    /// names (`dns-listen = "0.0.0.0:53"`). Flags and environment variables override it;
+    /// unknown keys are an error.
+    #[arg(long, global = true, env = "ROLLCALL_CONFIG")]
+    pub config: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Why the command line could not be turned into a [`Cli`].
+#[derive(Debug)]
+pub enum CliError {
+    /// clap's own outcome: usage errors, and also `--help` / `--version` (`e.exit()` prints them).
+    Clap(clap::Error),
+    /// The config file is unreadable or has a bad key (exit code 2).
+    Config(String),
+}
+
+/// Parses the command line, with defaults from `--config FILE` where neither a flag nor its
+/// environment variable gives a value.
+pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError> {
+    use clap::{CommandFactory, FromArgMatches};
+    let cmd = Cli::command();
+    // A first, lenient pass finds --config and the subcommand.
+    let pre = cmd
+        .clone()
+        .ignore_errors(true)
+        .try_get_matches_from(&argv)
+        .ok();
+    let path = pre
+        .as_ref()
+        .and_then(|m| m.get_one::<PathBuf>("config").cloned())
+        .or_else(|| {
+            std::env::var_os("ROLLCALL_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+    let sub = pre
+        .as_ref()
+        .and_then(|m| m.subcommand_name().map(str::to_owned));
+    let mut argv = argv;
+    if let (Some(path), Some(sub)) = (path, sub) {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| CliError::Config(format!("--config {}: {e}", path.display())))?;
+        let doc: toml::Table = text.parse().map_err(|e| {
+            CliError::Config(format!("--config {}: not valid TOML: {e}", path.display()))
+        })?;
+        let sub_cmd = cmd
+            .find_subcommand(&sub)
+            .expect("parsed subcommand exists")
+            .clone();
+        let mut extra: Vec<std::ffi::OsString> = Vec::new();
+        let subcommands = ["serve", "register", "hipache-sync", "status"];
+        for (key, value) in &doc {
+            let key = key.replace('_', "-");
+            if subcommands.contains(&key.as_str()) {
+                let toml::Value::Table(table) = value else {
+                    return Err(CliError::Config(format!(
+                        "--config {}: [{key}] must be a table",
+                        path.display()
+                    )));
+                };
+                if key != sub {
+                    continue;
+                }
+                for (k, v) in table {
+                    config_arg(
+                        &sub_cmd,
+                        &path,
+                        &format!("[{key}]"),
+                        &k.replace('_', "-"),
+                        v,
+                        &argv,
+                        &mut extra,
+                    )
+                    .map_err(CliError::Config)?;
+                }
+            } else {
+                config_arg(&cmd, &path, "the top level", &key, value, &argv, &mut extra)
+                    .map_err(CliError::Config)?;
+            }
+        }
+        // Insert right after the subcommand name, so explicit flags (later) win.
+        let at = argv
+            .iter()
+            .position(|a| a == sub.as_str())
+            .map_or(argv.len(), |i| i + 1);
+        argv.splice(at..at, extra);
+    }
+    let matches = cmd.try_get_matches_from(argv).map_err(CliError::Clap)?;
+    Cli::from_arg_matches(&matches).map_err(CliError::Clap)
+}
+
+/// Turns one config entry into flags, unless the command line or the environment sets it.
+fn config_arg(
+    cmd: &clap::Command,
+    path: &std::path::Path,
+    table: &str,
+    key: &str,
+    value: &toml::Value,
+    argv: &[std::ffi::OsString],
+    extra: &mut Vec<std::ffi::OsString>,
+) -> Result<(), String> {
+    let Some(arg) = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(key) && key != "config" && key != "help")
+    else {
+        let valid: Vec<&str> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| !["help", "version", "config"].contains(l))
+            .collect();
+        return Err(format!(
+            "--config {}: unknown key {key:?} in {table}; valid keys: {}",
+            path.display(),
+            valid.join(", ")
+        ));
+    };
+    let flag = format!("--{key}");
+    let on_command_line = argv.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    });
+    let in_env = arg
+        .get_env()
+        .and_then(std::env::var_os)
+        .is_some_and(|v| !v.is_empty());
+    if on_command_line || in_env {
+        return Ok(());
+    }
+    let scalar = |v: &toml::Value| -> Result<String, String> {
+        match v {
+            toml::Value::String(s) => Ok(s.clone()),
+            toml::Value::Integer(i) => Ok(i.to_string()),
+            toml::Value::Float(f) => Ok(f.to_string()),
+            other => Err(format!(
+                "--config {}: {key} in {table} must be a string or a number, not {}",
+                path.display(),
+                other.type_str()
+            )),
+        }
+    };
+    let takes_value = arg.get_num_args().is_some_and(|n| n.takes_values());
+    match value {
+        toml::Value::Boolean(b) if !takes_value => {
+            if *b {
+                extra.push(flag.into());
+            }
+        }
+        toml::Value::Array(items) => {
+            for item in items {
+                extra.push(flag.clone().into());
+                extra.push(scalar(item)?.into());
+            }
+        }
+        v => {
+            extra.push(flag.into());
+            extra.push(scalar(v)?.into());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

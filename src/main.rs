@@ -1,10 +1,17 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-use rollcall::cli::{Cli, Command, LogFormat};
+use rollcall::cli::{Command, LogFormat};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match rollcall::cli::parse_with_config(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(rollcall::cli::CliError::Config(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+        // clap prints usage errors (exit 2), --help and --version (exit 0) itself.
+        Err(rollcall::cli::CliError::Clap(e)) => e.exit(),
+    };
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

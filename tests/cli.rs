@@ -471,3 +471,73 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach rollcall"));
 }
+
+#[test]
+fn config_file_sets_defaults_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    let cfg = dir.path().join("rollcall.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "log-format = \"json\"\n[serve]\nzone = \"svc.test.\"\nrecord-ttl = 7\ndata_dir = \"\"\nzones = \"{}\"\nallow-register = [\"127.0.0.0/8\"]\n[status]\njson = true\n",
+            zones.display()
+        ),
+    )
+    .unwrap();
+    // --zone from the file; --record-ttl from the command line wins over the file.
+    let server = ServeProc::start_on(
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &dir.path().join("unused"),
+        &zones,
+        &["--config", cfg.to_str().unwrap(), "--record-ttl", "3"],
+    );
+    assert_eq!(
+        put(
+            &server.api(),
+            "app",
+            "a1",
+            r#"{"addr":"127.0.0.5","ttl":60}"#
+        )
+        .status(),
+        200
+    );
+    assert_eq!(
+        put(
+            &server.api(),
+            "app",
+            "a2",
+            r#"{"addr":"10.0.0.5","ttl":60}"#
+        )
+        .status(),
+        403,
+        "allow-register from the file"
+    );
+    let out = dig(server.dns, &["app.svc.test", "+noall", "+answer"]);
+    assert!(
+        out.contains("app.svc.test.\t\t3\tIN\tA\t127.0.0.5"),
+        "{out}"
+    );
+
+    // Unknown keys are refused with the list of valid ones.
+    std::fs::write(&cfg, "[serve]\ndns-listn = \"127.0.0.1:1\"\n").unwrap();
+    let out = Command::new(rollcall_bin())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown key \"dns-listn\" in [serve]") && err.contains("dns-listen"),
+        "{err}"
+    );
+    std::fs::write(&cfg, "[serve\n").unwrap();
+    let out = Command::new(rollcall_bin())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid TOML"));
+}

@@ -150,6 +150,16 @@ impl Drop for ServeProc {
 }
 
 fn field(line: &str, key: &str) -> SocketAddr {
+    // Text logs: `key=value`; JSON logs (--log-format json): `"key":"value"`.
+    if line.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        let k = key.trim_end_matches('=');
+        return v["fields"][k]
+            .as_str()
+            .unwrap_or_else(|| panic!("{k} not in {line:?}"))
+            .parse()
+            .unwrap();
+    }
     let at = line
         .find(key)
         .unwrap_or_else(|| panic!("{key} not in {line:?}"))
