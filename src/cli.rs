@@ -273,6 +273,10 @@ pub struct ServeArgs {
     )]
     pub allow_query: Vec<String>,
 
+    /// Longest blocking query (`GET /v1/roles/{role}?index=N&wait=...`): 30s, 500ms, 2m.
+    #[arg(long, env = "ROLLCALL_MAX_WAIT", default_value = "10m")]
+    pub max_wait: String,
+
     /// Most nodes registered at once; registrations beyond get HTTP 507.
     #[arg(long, env = "ROLLCALL_MAX_NODES", default_value_t = 200_000)]
     pub max_nodes: usize,

@@ -28,6 +28,8 @@ pub struct ServeConfig {
     /// DNS clients allowed to query (empty: everyone).
     pub allow_query: Vec<IpNet>,
     pub limits: Limits,
+    /// Longest blocking query.
+    pub max_wait: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +132,15 @@ impl ServeConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let allow_query = parse_nets("allow-query", &a.allow_query)?;
+        let max_wait = crate::api::parse_wait(&a.max_wait).map_err(|_| {
+            err(format!(
+                "--max-wait {:?} is not a duration: use e.g. 30s, 500ms or 10m",
+                a.max_wait
+            ))
+        })?;
+        if max_wait.is_zero() {
+            return Err(err("--max-wait must be more than 0"));
+        }
         let token = read_token(a.token, a.token_file.as_ref())?;
         let dns_threads = match a.dns_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -151,6 +162,7 @@ impl ServeConfig {
                 allow_register,
             },
             allow_query,
+            max_wait,
             limits: Limits {
                 max_nodes: a.max_nodes,
                 max_nodes_per_role: a.max_nodes_per_role,
@@ -173,6 +185,7 @@ impl ServeConfig {
             access: Access::default(),
             allow_query: Vec::new(),
             limits: Limits::default(),
+            max_wait: crate::api::MAX_WAIT,
         }
     }
 }

@@ -175,7 +175,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     ));
 
     let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone())
-        .with_dns_stats(dns_stats);
+        .with_dns_stats(dns_stats)
+        .with_max_wait(config.max_wait);
     let http_task = tokio::spawn(api::serve::serve(
         http,
         api::router(state),

@@ -21,6 +21,13 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
+# schemathesis (PyPI) checks the API against its OpenAPI document.
+if ! command -v st >/dev/null 2>&1; then
+    echo "tests/run.sh: installing schemathesis (pip)" >&2
+    python3 -m pip install --quiet schemathesis 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages schemathesis
+fi
+
 # System tests find nginx in /usr/sbin.
 export PATH="$PATH:/usr/sbin:/sbin"
 # The system tests start the real binary; build it once, then run everything.

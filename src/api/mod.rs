@@ -28,7 +28,7 @@ use crate::registry::{
     parse_service, Label, NodeKey, NodeSpec, Registry, DEFAULT_TTL, MAX_TTL, MIN_TTL,
 };
 use error::ApiError;
-use model::{NodeOut, RegisterBody, RoleOut, RolesOut};
+use model::{ErrorBody, Health, NodeOut, RegisterBody, RoleOut, RolesOut};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -57,6 +57,8 @@ pub struct AppState {
     pub sessions: Arc<tokio::sync::Semaphore>,
     pub dns_stats: Arc<crate::metrics::DnsStats>,
     pub api_metrics: Arc<crate::metrics::ApiMetrics>,
+    /// Longest blocking query (`--max-wait`).
+    pub max_wait: Duration,
 }
 
 /// Blocking queries in progress at most; more get 503.
@@ -78,7 +80,14 @@ impl AppState {
             sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS)),
             dns_stats: Arc::default(),
             api_metrics: Arc::default(),
+            max_wait: MAX_WAIT,
         }
+    }
+
+    /// Caps blocking queries at `max_wait` (and their default wait with it).
+    pub fn with_max_wait(mut self, max_wait: Duration) -> AppState {
+        self.max_wait = max_wait;
+        self
     }
 
     /// Uses the DNS transports' counters for `/metrics`.
@@ -96,6 +105,30 @@ fn busy(what: &str, limit: usize) -> ApiError {
     )
 }
 
+/// The API description, generated from the handlers' annotations; served at `/v1/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "rollcall",
+        description = "Service discovery: nodes register under roles with a lease; DNS answers the live set."
+    ),
+    paths(
+        node_put,
+        node_delete,
+        node_get,
+        roles_list,
+        role_get,
+        healthz,
+        metrics
+    ),
+    components(schemas(RegisterBody, NodeOut, RolesOut, RoleOut, ErrorBody, Health))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
 /// The whole API as a router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -110,14 +143,49 @@ pub fn router(state: AppState) -> Router {
             get(session::session),
         )
         .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::not_found("no such endpoint: see the HTTP API section of the README")
         })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// Turns the framework's own plain-text rejections (bad query string, wrong method, failed
+/// WebSocket upgrade) into the API's JSON error shape, so every error reads the same.
+async fn json_errors(req: axum::extract::Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, BODY_LIMIT)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = if text.trim().is_empty() {
+        format!("{}", status.canonical_reason().unwrap_or("error")).to_lowercase()
+    } else {
+        text.trim().to_owned()
+    };
+    let mut out = ApiError::new(status, message).into_response();
+    for (name, value) in parts
+        .headers
+        .iter()
+        .filter(|(n, _)| *n == axum::http::header::ALLOW)
+    {
+        out.headers_mut().insert(name, value.clone());
+    }
+    out
 }
 
 /// Counts every request by method, matched route and status, with its latency.
@@ -304,6 +372,18 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<RegisterBody, ApiEr
     })
 }
 
+#[utoipa::path(put, path = "/v1/roles/{role}/nodes/{node}", tag = "nodes",
+    params(("role" = String, Path, description = "Role: a DNS label (a-z 0-9 -, 1-63, upper case folded)", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("node" = String, Path, description = "Node: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")),
+    request_body(content = Option<RegisterBody>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Registered or renewed; durable and visible in DNS", body = NodeOut),
+        (status = 400, description = "Bad label, address, ttl, port, field or JSON", body = ErrorBody),
+        (status = 401, description = "Token required (--token)", body = ErrorBody),
+        (status = 403, description = "Outside --allow-register", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 507, description = "--max-nodes or --max-nodes-per-role reached", body = ErrorBody),
+    ))]
 async fn node_put(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -318,6 +398,15 @@ async fn node_put(
     Ok(Json(NodeOut::from(&info)))
 }
 
+#[utoipa::path(delete, path = "/v1/roles/{role}/nodes/{node}", tag = "nodes",
+    params(("role" = String, Path, description = "Role: a DNS label (a-z 0-9 -, 1-63, upper case folded)", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("node" = String, Path, description = "Node: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")),
+    responses(
+        (status = 204, description = "Deregistered"),
+        (status = 400, description = "Bad label", body = ErrorBody),
+        (status = 401, description = "Token required (--token)", body = ErrorBody),
+        (status = 404, description = "Not registered", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    ))]
 async fn node_delete(
     State(state): State<AppState>,
     Path((role, node)): Path<(String, String)>,
@@ -332,6 +421,15 @@ async fn node_delete(
     }
 }
 
+#[utoipa::path(get, path = "/v1/roles/{role}/nodes/{node}", tag = "nodes",
+    params(("role" = String, Path, description = "Role: a DNS label (a-z 0-9 -, 1-63, upper case folded)", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("node" = String, Path, description = "Node: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")),
+    responses(
+        (status = 200, description = "The node", body = NodeOut),
+        (status = 400, description = "Bad label", body = ErrorBody),
+        (status = 401, description = "Token required (--token-reads)", body = ErrorBody),
+        (status = 404, description = "Not registered", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    ))]
 async fn node_get(
     State(state): State<AppState>,
     Path((role, node)): Path<(String, String)>,
@@ -347,28 +445,27 @@ async fn node_get(
         })
 }
 
+#[utoipa::path(get, path = "/v1/roles", tag = "roles",
+    params(("index" = Option<String>, Query, description = "Blocking query: wait until the index exceeds this", pattern = r"^[0-9]{1,19}$"), ("wait" = Option<String>, Query, description = "Longest wait: 30s, 500ms, 2m or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m)?$")),
+    responses(
+        (status = 200, description = "Roles and node counts", body = RolesOut,
+            headers(("X-Rollcall-Index" = u64, description = "Generation index"))),
+        (status = 400, description = "Bad index or wait", body = ErrorBody),
+        (status = 401, description = "Token required (--token-reads)", body = ErrorBody),
+        (status = 503, description = "Too many blocking queries, or shutting down", body = ErrorBody),
+    ))]
 async fn roles_list(
     State(state): State<AppState>,
     Query(params): Query<BlockingParams>,
 ) -> Result<Response, ApiError> {
-    let (index, roles) = match params.index {
+    let (index, roles) = match params.blocking(state.max_wait)? {
         None => state.registry.roles().await?,
-        Some(index) => {
+        Some((index, wait)) => {
             let _permit = state
                 .waiters
                 .clone()
                 .try_acquire_owned()
                 .map_err(|_| busy("blocking queries", MAX_WAITERS))?;
-            let index: u64 = index.parse().map_err(|_| {
-                ApiError::bad_request(format!("index {index:?} is not a non-negative integer"))
-            })?;
-            let wait = params
-                .wait
-                .as_deref()
-                .map(parse_wait)
-                .transpose()?
-                .unwrap_or(DEFAULT_WAIT)
-                .min(MAX_WAIT);
             state.registry.roles_after(index, wait).await?
         }
     };
@@ -385,30 +482,50 @@ struct BlockingParams {
     wait: Option<String>,
 }
 
+impl BlockingParams {
+    /// Validates both parameters (even `wait` alone) and returns `(index, wait)` when the
+    /// request is a blocking query.
+    fn blocking(&self, max_wait: Duration) -> Result<Option<(u64, Duration)>, ApiError> {
+        let wait = self
+            .wait
+            .as_deref()
+            .map(parse_wait)
+            .transpose()?
+            .unwrap_or(DEFAULT_WAIT)
+            .min(max_wait);
+        let Some(index) = &self.index else {
+            return Ok(None);
+        };
+        let index: u64 = index.parse().map_err(|_| {
+            ApiError::bad_request(format!("index {index:?} is not a non-negative integer"))
+        })?;
+        Ok(Some((index, wait)))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/roles/{role}", tag = "roles",
+    params(("role" = String, Path, description = "Role: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("index" = Option<String>, Query, description = "Blocking query: wait until the index exceeds this", pattern = r"^[0-9]{1,19}$"), ("wait" = Option<String>, Query, description = "Longest wait: 30s, 500ms, 2m or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m)?$")),
+    responses(
+        (status = 200, description = "The role's live nodes (empty for an unknown role)", body = RoleOut,
+            headers(("X-Rollcall-Index" = u64, description = "Index of the role's last change"))),
+        (status = 400, description = "Bad label, index or wait", body = ErrorBody),
+        (status = 401, description = "Token required (--token-reads)", body = ErrorBody),
+        (status = 503, description = "Too many blocking queries, or shutting down", body = ErrorBody),
+    ))]
 async fn role_get(
     State(state): State<AppState>,
     Path(role): Path<String>,
     Query(params): Query<BlockingParams>,
 ) -> Result<Response, ApiError> {
     let role = parse_role(&role)?;
-    let info = match params.index {
+    let info = match params.blocking(state.max_wait)? {
         None => state.registry.role(role).await?,
-        Some(index) => {
+        Some((index, wait)) => {
             let _permit = state
                 .waiters
                 .clone()
                 .try_acquire_owned()
                 .map_err(|_| busy("blocking queries", MAX_WAITERS))?;
-            let index: u64 = index.parse().map_err(|_| {
-                ApiError::bad_request(format!("index {index:?} is not a non-negative integer"))
-            })?;
-            let wait = params
-                .wait
-                .as_deref()
-                .map(parse_wait)
-                .transpose()?
-                .unwrap_or(DEFAULT_WAIT)
-                .min(MAX_WAIT);
             state.registry.role_after(role, index, wait).await?
         }
     };
@@ -448,13 +565,21 @@ fn with_index(index: u64, body: impl IntoResponse) -> Response {
     (headers, body).into_response()
 }
 
-async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Serving", body = Health), (status = 503, description = "Shutting down", body = ErrorBody)))]
+async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     let (index, roles) = state.registry.roles().await?;
-    Ok(Json(
-        serde_json::json!({ "status": "ok", "index": index, "roles": roles.len() }),
-    ))
+    Ok(Json(Health {
+        status: "ok".into(),
+        index,
+        roles: roles.len(),
+    }))
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 401, description = "Token required (--token-reads)", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (index, roles) = state.registry.roles().await?;
     let roles: Vec<(String, usize)> = roles.into_iter().map(|(r, n)| (r.to_string(), n)).collect();

@@ -3,23 +3,54 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::registry::NodeInfo;
 
-/// Body of `PUT /v1/roles/{role}/nodes/{node}`. Every field is optional.
-#[derive(Debug, Default, Deserialize)]
+/// Body of `PUT /v1/roles/{role}/nodes/{node}`. Every field is optional; unknown fields are
+/// an error.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
+    /// IPv4 or IPv6 address to serve. Default: the address the request comes from.
+    #[schema(example = "10.0.0.7")]
     pub addr: Option<String>,
+    /// Port for SRV records (1-65535). Without it the node gets A/AAAA records only.
+    #[schema(example = 8080, minimum = 1, maximum = 65535)]
     pub port: Option<u32>,
+    /// Service name for `_<service>._tcp.<role>.<zone>` SRV (a DNS label, at most 15). Default `http`.
+    #[schema(
+        example = "http",
+        pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,13}[A-Za-z0-9])?$"
+    )]
     pub service: Option<String>,
+    /// Lease in seconds, 1 to 86400. Default 5.
+    #[schema(example = 10, minimum = 1, maximum = 86400)]
     pub ttl: Option<u64>,
+    /// SRV weight, 0 to 65535. Default 1.
+    #[schema(minimum = 0, maximum = 65535)]
     pub weight: Option<u32>,
+    /// Free-form string values shown by the API.
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
     pub meta: Option<BTreeMap<String, serde_json::Value>>,
 }
 
+/// Every error: what is wrong, in words.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub index: u64,
+    pub roles: usize,
+}
+
 /// A node as the API shows it.
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, ToSchema)]
 pub struct NodeOut {
     pub role: String,
     pub node: String,
@@ -55,13 +86,15 @@ impl From<&NodeInfo> for NodeOut {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// `GET /v1/roles`: the generation index and the node count of every non-empty role.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RolesOut {
     pub index: u64,
     pub roles: BTreeMap<String, usize>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// `GET /v1/roles/{role}`: the role's index and its live nodes.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RoleOut {
     pub index: u64,
     pub nodes: Vec<NodeOut>,
