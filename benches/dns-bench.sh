@@ -58,7 +58,7 @@ DURATION=10; REPS=3
 LOADS="8:50 8:100 8:500"          # dnsperf -c:-q settings; the best median QPS is reported
 SERVERS="rollcall null nsd knot dnsmasq bind"
 CHURN=0; API=0; VERIFY_ONLY=0
-CHURN_RENEW=5000; CHURN_REGISTER=100
+CHURN_RENEW=5000; CHURN_REGISTER=100; CHURN_CONNS=64
 API_CONNS=64; API_THREADS=2
 SERVER_CPU=1; CLIENT_CPU=0; CHURN_CPU=""
 ADDR=127.0.0.1
@@ -82,6 +82,8 @@ Options:
   --churn                also run rollcall under API churn (rollcall+churn)
   --churn-rates R:G      renewals/s : registrations/s (default $CHURN_RENEW:$CHURN_REGISTER)
   --churn-cpu C          CPU of the churn generator (default: the client CPU)
+  --churn-conns C        keep-alive connections (= requests in flight) of the churn generator
+                         (default $CHURN_CONNS)
   --api                  also run wrk against the API (PUT renewals, keep-alive)
   --api-conns C          wrk connections (default $API_CONNS; threads: $API_THREADS)
   --verify-only          start each server, check its answers, print the UDP probe, stop
@@ -107,6 +109,7 @@ while [ $# -gt 0 ]; do
         --churn) CHURN=1 ;;
         --churn-rates) CHURN_RENEW=${2%%:*}; CHURN_REGISTER=${2##*:}; shift ;;
         --churn-cpu) CHURN_CPU=$2; shift ;;
+        --churn-conns) CHURN_CONNS=$2; shift ;;
         --api) API=1 ;;
         --api-conns) API_CONNS=$2; shift ;;
         --verify-only) VERIFY_ONLY=1 ;;
@@ -123,7 +126,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-for v in N M DURATION REPS BASE_PORT SERVER_CPU CLIENT_CPU CHURN_RENEW CHURN_REGISTER API_CONNS; do
+for v in N M DURATION REPS BASE_PORT SERVER_CPU CLIENT_CPU CHURN_RENEW CHURN_REGISTER CHURN_CONNS API_CONNS; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a number, not '${!v}'" >&2; exit 2; }
 done
 for s in $SERVERS; do
@@ -444,7 +447,7 @@ check_answers() {   # check_answers NAME WHEN: compare with expected.tsv, append
 probe() {   # appserver.cluster A over UDP / UDP+EDNS 1232 / TCP, once per server
     local name=$1
     grep -q "^$name	" "$WORKDIR/probe.tsv" 2>/dev/null && return 0
-    [ "$name" = null ] && return 0
+    [ "$name" = null ] || [ "$name" = rollcall+churn ] && return 0
     printf '%s\t%s\n' "$name" \
         "$(python3 "$HERE/gen-dataset.py" --out "$DATA" --probe "$ADDR:$(port_of "$name")")" \
         >>"$WORKDIR/probe.tsv"
@@ -514,7 +517,8 @@ churn_start() {   # the churn generator against rollcall+churn's API
     CHURN_T0=$EPOCHREALTIME
     spawn churn "$WORKDIR/servers/rollcall+churn/churn-rep$1.txt" "${prefix[@]}" "$CHURN_BIN" \
         --api "http://127.0.0.1:$(http_port_of rollcall+churn)" --services "$DATA/services.tsv" \
-        --renew-rate "$CHURN_RENEW" --register-rate "$CHURN_REGISTER" --register-ttl 1
+        --renew-rate "$CHURN_RENEW" --register-rate "$CHURN_REGISTER" --register-ttl 1 \
+        --connections "$CHURN_CONNS"
 }
 
 churn_stop() {   # stop the generator, append its report and CPU to churn.tsv
@@ -532,31 +536,31 @@ churn_stop() {   # stop the generator, append its report and CPU to churn.tsv
 
 # -------------------------------------------------------------------------------- API --
 run_api() {   # run_api REP: rollcall on both cores, wrk renewing one node, one line to api.tsv
-    local rep=$1 http out s0 s1 w0 w1
+    local rep=$1 http out s0 s1 b0 b1 w0 w1
     start_server api unpinned || { log "rollcall (api) did not start"; return 0; }
     http=$(http_port_of api)
     curl -sf -X PUT "http://127.0.0.1:$http/v1/roles/bench/nodes/n1" \
         -d '{"addr":"10.9.0.1","port":8080,"ttl":60}' >/dev/null || log "api: first PUT failed"
     out=$WORKDIR/servers/api/wrk-rep$rep.txt
-    s0=$(session_ticks "${PIDS[api]}"); w0=$EPOCHREALTIME
+    s0=$(session_ticks "${PIDS[api]}"); b0=$(busy_ticks); w0=$EPOCHREALTIME
     measured client "$out" wrk -t "$API_THREADS" -c "$API_CONNS" -d "${DURATION}s" --latency \
         -s "$HERE/renew.lua" "http://127.0.0.1:$http/v1/roles/bench/nodes/n1"
-    s1=$(session_ticks "${PIDS[api]}"); w1=$EPOCHREALTIME
+    s1=$(session_ticks "${PIDS[api]}"); b1=$(busy_ticks); w1=$EPOCHREALTIME
     stop api
-    awk -v r="$rep" -v hz="$CLK_TCK" -v srv=$((s1 - s0)) -v w0="$w0" -v w1="$w1" \
+    awk -v r="$rep" -v hz="$CLK_TCK" -v srv=$((s1 - s0)) -v busy=$((b1 - b0)) -v w0="$w0" -v w1="$w1" \
         -v cli="$(cat "$out.ticks" 2>/dev/null || echo 0)" -v c="$API_CONNS" '
         function ms(x) { if (x ~ /us$/) return x / 1000; if (x ~ /ms$/) return x + 0;
                          if (x ~ /s$/) return x * 1000; return x }
         /Requests\/sec:/        { rps = $2 }
-        /^ +Latency /           { avg = ms($2) }
+        /^ +Latency +[0-9]/     { avg = ms($2) }
         /^ +99% /               { p99 = ms($2) }
         /Non-2xx or 3xx/        { bad = $NF }
         /Socket errors:/        { err = $0; sub(/.*errors: /, "", err); gsub(/ /, "", err) }
         /requests in/           { n = $1 }
-        END { t = w1 - w0
-              printf "%s\t%d\t%.0f\t%.3f\t%.3f\t%d\t%s\t%.0f\t%.0f\t%.0f\n", r, c, rps, avg, p99,
+        END { t = w1 - w0; other = busy - srv - cli; if (other < 0) other = 0
+              printf "%s\t%d\t%.0f\t%.3f\t%.3f\t%d\t%s\t%.0f\t%.0f\t%.0f\t%.0f\n", r, c, rps, avg, p99,
                   bad, (err == "" ? "-" : err), 100 * srv / hz / t, (srv > 0 ? n * hz / srv : 0),
-                  100 * cli / hz / t }' "$out" >>"$WORKDIR/api.tsv"
+                  100 * cli / hz / t, 100 * other / hz / t }' "$out" >>"$WORKDIR/api.tsv"
     tail -1 "$WORKDIR/api.tsv" | awk -F'\t' '{ printf "  api rep %s: %7d req/s  avg %.3f ms  p99 %.3f ms  non-2xx %d  srv %d%%\n", $1, $3, $4, $5, $6, $8 }' >&2
 }
 
@@ -620,8 +624,11 @@ def check_of(s):
         return "?"
     if all(r == "exempt" for _, r in v):
         return "exempt"
-    bad = [f"{w}: {r}" for w, r in v if not r.startswith("ok")]
-    return "ok" if not bad else "**" + "; ".join(sorted(set(bad))) + "**"
+    bad = [r for _, r in v if not r.startswith("ok")]
+    return "ok" if not bad else "**MISMATCH**"
+
+def check_details(s):
+    return sorted({f"{w}: {r}" for w, r in checks.get(s, []) if r not in ("exempt",) and not r.startswith("ok")})
 
 def rcode_ok(r):
     """5 of 6 queries NOERROR, 1 of 6 NXDOMAIN (the missing name), nothing else.
@@ -660,8 +667,8 @@ order = sorted(best, key=lambda s: -base[s][1])
 if res:
     print("## DNS, pinned\n")
     print("| server | answers | -c:-q | QPS med | min | max | lat ms | lost | srv% | QPS/core "
-          "| other% | QPS/core × nsd | QPS/core × null | QPS × nsd | QPS × idle |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| other% | dnsperf% | QPS/core × nsd | QPS/core × null | QPS × nsd | QPS × idle |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
     def line(s, mark, b):
         med, l, v = b
@@ -673,6 +680,7 @@ if res:
         idle = ratio(med, base["rollcall"][0]) if s == "rollcall+churn" and "rollcall" in base else ""
         print(f"| {s}{mark} | {ans} | {l} | {med:.0f} | {min(q):.0f} | {max(q):.0f} | {md(v, 'lat'):.3f} "
               f"| {sum(int(r['lost']) for r in v)} | {md(v, 'srv'):.0f} | {qpc:.0f} | {md(v, 'other'):.0f} "
+              f"| {md(v, 'cli'):.0f} "
               f"| {ratio(qpc, base.get('nsd', (0, 0))[1])} | {ratio(qpc, base.get('null', (0, 0))[1])} "
               f"| {ratio(med, base.get('nsd', (0, 0))[0])} | {idle} |")
     for s in order:
@@ -682,7 +690,7 @@ if res:
     print()
     print("Best load per server by median QPS; `*`: best load without any lost query. "
           "lat ms, srv%, QPS/core, other%: medians over the reps; lost: sum over the reps. "
-          "`× nsd`, `× null`: ratios to NSD's and the null responder's figures of this run; "
+          "dnsperf%: the client's CPU (near 100: the client is the limit). `× nsd`, `× null`: ratios to NSD's and the null responder's figures of this run; "
           "`QPS × idle`: rollcall under churn relative to rollcall idle. `answers`: every distinct "
           "query checked over TCP (rcode, count, set, SOA in negative answers) at each start, "
           "and for rollcall+churn again while the churn runs; dnsperf's rcode mix is checked too.")
@@ -718,15 +726,16 @@ if churn:
               f"| {g('live_churn_max', '?')} | {g('gen_cpu_pct', '?')} |")
     print()
 
-api = rows("api.tsv", "rep conns rps avg p99 non2xx errors srv rpc cli".split())
+api = rows("api.tsv", "rep conns rps avg p99 non2xx errors srv rpc cli other".split())
 if api:
-    print(f"## HTTP API: renewals (wrk -t {api_threads}, keep-alive, PUT; both cores shared)\n")
+    print(f"## HTTP API: renewals (wrk -t {api_threads}, keep-alive, PUT; rollcall with a data dir "
+          "on disk; both cores shared by rollcall and wrk)\n")
     print("| rep | connections | requests/s | avg ms | p99 ms | non-2xx | socket errors | srv% "
-          "| requests per server CPU-s | wrk% |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+          "| requests per server CPU-s | wrk% | other% |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for a in api:
         print(f"| {a['rep']} | {a['conns']} | {a['rps']} | {a['avg']} | {a['p99']} | {a['non2xx']} "
-              f"| {a['errors']} | {a['srv']} | {a['rpc']} | {a['cli']} |")
+              f"| {a['errors']} | {a['srv']} | {a['rpc']} | {a['cli']} | {a.get('other', '?')} |")
     if len(api) > 1:
         print(f"\nMedian: {st.median(float(a['rps']) for a in api):.0f} requests/s")
     print()
@@ -748,7 +757,11 @@ if checks and not res:
     print()
 bad = [s for s in checks if check_of(s) not in ("ok", "exempt")]
 if bad:
-    print(f"**Answer check failed for: {', '.join(sorted(bad))}** (see checks.tsv in the workdir)\n")
+    print("**Answer check failed** (details in servers/<name>/check.log of the workdir):\n")
+    for s in sorted(bad):
+        for d in check_details(s):
+            print(f"- {s}, {d}")
+    print()
 EOF
 }
 

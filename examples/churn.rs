@@ -216,9 +216,10 @@ async fn main() -> anyhow::Result<()> {
             break;
         }
         let t = start.elapsed().as_secs_f64();
+        // registrations first: they are few, and the expiries depend on them
         for (kind, rate, sent) in [
-            (0, args.renew_rate, &mut renew_sent),
             (1, args.register_rate, &mut register_sent),
+            (0, args.renew_rate, &mut renew_sent),
         ] {
             let due = (rate * t) as u64;
             if due.saturating_sub(*sent) > max_backlog(rate) {
