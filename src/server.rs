@@ -147,12 +147,13 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     };
     let builder = Arc::new(Mutex::new(Builder::new(settings, statics)));
     let cell = builder.lock().unwrap().cell();
-    let (registry, registry_task) = Registry::start(
+    let (registry, registry_task) = Registry::start_at(
         store,
         loaded,
         Box::new(builder.clone()),
         config.limits.clone(),
         shutdown.clone(),
+        crate::store::unix_ms(),
     );
 
     let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();

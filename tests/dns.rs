@@ -671,3 +671,63 @@ async fn metrics_count_queries_registrations_and_requests() {
         3.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_node_srv_answer_over_tcp_stays_valid_past_16k_and_64k() {
+    use rollcall::registry::{Label, NodeKey, NodeSpec};
+    let s = Server::start().await;
+    let mut pending = Vec::new();
+    for i in 0..1000u32 {
+        let reg = s.running.registry.clone();
+        pending.push(tokio::spawn(async move {
+            let key = NodeKey {
+                role: Label::parse("appserver").unwrap(),
+                node: Label::parse(&format!("appserver-{i}")).unwrap(),
+            };
+            let spec = NodeSpec {
+                addr: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+                port: Some(8080),
+                service: Label::parse("http").unwrap(),
+                ttl: 300,
+                weight: 10,
+                meta: Default::default(),
+            };
+            reg.put(key, spec).await.unwrap();
+        }));
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    // Answers alone are ~50 KB; with glue the whole set would pass 64 KB, and glue records
+    // beyond 16 KB cannot point back at their SRV target.
+    let raw = tcp_raw(
+        s.dns(),
+        &query_msg("_http._tcp.appserver.cluster.", RecordType::SRV, None),
+    );
+    assert!(raw.len() <= 65535);
+    let m = Message::from_vec(&raw).expect("the big answer decodes");
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 1000);
+    assert!(
+        m.additionals.len() > 300,
+        "glue that fits is kept: {}",
+        m.additionals.len()
+    );
+    for r in &m.additionals {
+        let RData::A(a) = &r.data else {
+            panic!("not an A: {r}")
+        };
+        let i = u32::from(a.0) - 0x0a00_0000;
+        assert_eq!(
+            r.name.to_ascii(),
+            format!("appserver-{i}.appserver.cluster."),
+            "glue owner matches its address"
+        );
+    }
+    let out = dig(s.dns(), &["+tcp", "_http._tcp.appserver.cluster", "SRV"]);
+    assert!(
+        out.contains("ANSWER: 1000") && !out.contains("bad label"),
+        "{}",
+        &out[..out.len().min(600)]
+    );
+}

@@ -125,6 +125,30 @@ fn busy(what: &str, limit: usize) -> ApiError {
 )]
 pub struct ApiDoc;
 
+/// The status page: roles, nodes and leases ticking down, refreshed by blocking queries.
+async fn page(State(state): State<AppState>) -> Result<axum::response::Html<String>, ApiError> {
+    let (index, roles) = state.registry.roles().await?;
+    let mut nodes = Vec::new();
+    for (role, _) in roles {
+        nodes.extend(
+            state
+                .registry
+                .role(role)
+                .await?
+                .nodes
+                .iter()
+                .map(NodeOut::from),
+        );
+    }
+    // `<` escaped so that no value can close the script element.
+    let initial = serde_json::json!({ "index": index, "nodes": nodes })
+        .to_string()
+        .replace('<', "\\u003c");
+    Ok(axum::response::Html(
+        include_str!("page.html").replace("/*INITIAL*/null", &initial),
+    ))
+}
+
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
@@ -142,6 +166,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/roles/{role}/nodes/{node}/session",
             get(session::session),
         )
+        .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))

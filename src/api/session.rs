@@ -27,7 +27,7 @@ pub async fn session(
         .clone()
         .try_acquire_owned()
         .map_err(|_| super::busy("sessions", super::MAX_SESSIONS))?;
-    let Some(id) = state.registry.session_open(key.clone()).await? else {
+    let Some((id, ttl)) = state.registry.session_open(key.clone()).await? else {
         return Err(ApiError::not_found(format!(
             "node {node} is not registered under role {role}: PUT it first, then open its session"
         )));
@@ -35,17 +35,28 @@ pub async fn session(
     tracing::debug!(%role, %node, %peer, "session opened");
     Ok(ws
         .on_upgrade(move |socket| async move {
-            hold(socket, state, key, id).await;
+            hold(socket, state, key, id, ttl).await;
             drop(permit);
         })
         .into_response())
 }
 
-async fn hold(mut socket: WebSocket, state: AppState, key: NodeKey, id: u64) {
+async fn hold(mut socket: WebSocket, state: AppState, key: NodeKey, id: u64, ttl: u32) {
+    // A session silent for longer than the lease is dead (host or network gone): the lease
+    // runs out on its own; end the session too, so it does not hold a connection and a
+    // session slot forever.
+    let silence =
+        std::time::Duration::from_secs(u64::from(ttl)) + std::time::Duration::from_secs(1);
     loop {
         let msg = tokio::select! {
             _ = state.shutdown.cancelled() => return,
-            msg = socket.recv() => msg,
+            msg = tokio::time::timeout(silence, socket.recv()) => match msg {
+                Ok(msg) => msg,
+                Err(_) => {
+                    tracing::debug!(role = %key.role, node = %key.node, "session silent for longer than its lease, closing");
+                    return;
+                }
+            },
         };
         match msg {
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,

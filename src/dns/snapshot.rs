@@ -93,10 +93,10 @@ pub struct RrSet {
 pub struct Template {
     pub bytes: Box<[u8]>,
     /// End of the answer section: a response cut shorter than this lacks answers (TC).
-    pub answer_end: u16,
+    pub answer_end: u32,
     /// End offset of each additional record, in order: the places a too-long response can be
     /// cut without losing answers.
-    pub additional_ends: Box<[u16]>,
+    pub additional_ends: Box<[u32]>,
 }
 
 // ----- encoding helpers -------------------------------------------------------------------------
@@ -134,7 +134,29 @@ fn question(out: &mut Vec<u8>, name: &[u8], qtype: u16) {
     out.extend_from_slice(&CLASS_IN.to_be_bytes());
 }
 
-/// Writes an RR whose owner is a compression pointer to `owner_at`.
+/// Largest offset a compression pointer can hold (14 bits).
+const MAX_POINTER: usize = 0x3FFF;
+
+/// Writes an RR whose owner is written out in full (wire format).
+fn rr_named(
+    out: &mut Vec<u8>,
+    owner: &[u8],
+    rtype: u16,
+    ttl: u32,
+    rdata: impl FnOnce(&mut Vec<u8>),
+) {
+    out.extend_from_slice(owner);
+    out.extend_from_slice(&rtype.to_be_bytes());
+    out.extend_from_slice(&CLASS_IN.to_be_bytes());
+    out.extend_from_slice(&ttl.to_be_bytes());
+    let len_at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    rdata(out);
+    let len = (out.len() - len_at - 2) as u16;
+    out[len_at..len_at + 2].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Writes an RR whose owner is a compression pointer to `owner_at` (at most [`MAX_POINTER`]).
 fn rr_ptr_owner(
     out: &mut Vec<u8>,
     owner_at: usize,
@@ -205,7 +227,7 @@ fn address_set(owner: &[u8], rtype: u16, nodes: &[&DnsNode<'_>]) -> RrSet {
         for n in it {
             rr_ptr_owner(&mut out, 12, rtype, ttl, |o| addr_rdata(o, n.spec.addr));
         }
-        let end = out.len() as u16;
+        let end = out.len() as u32;
         Template {
             bytes: out.into_boxed_slice(),
             answer_end: end,
@@ -234,13 +256,20 @@ fn srv_set(owner: &[u8], nodes: &[&DnsNode<'_>]) -> RrSet {
                 o.extend_from_slice(&n.name);
             });
         }
-        let answer_end = out.len() as u16;
+        let answer_end = out.len() as u32;
         let mut additional_ends = Vec::with_capacity(nodes.len());
         for (n, at) in nodes.iter().zip(targets) {
-            rr_ptr_owner(&mut out, at, addr_type(n.spec.addr), ttl, |o| {
-                addr_rdata(o, n.spec.addr)
-            });
-            additional_ends.push(out.len() as u16);
+            if at <= MAX_POINTER {
+                rr_ptr_owner(&mut out, at, addr_type(n.spec.addr), ttl, |o| {
+                    addr_rdata(o, n.spec.addr)
+                });
+            } else {
+                // A compression pointer reaches only the first 16 KiB of a message.
+                rr_named(&mut out, &n.name, addr_type(n.spec.addr), ttl, |o| {
+                    addr_rdata(o, n.spec.addr)
+                });
+            }
+            additional_ends.push(out.len() as u32);
         }
         Template {
             bytes: out.into_boxed_slice(),
@@ -337,10 +366,10 @@ pub fn encode_records(
         for r in answers {
             r.emit(&mut enc)?;
         }
-        answer_end = enc.offset() as u16;
+        answer_end = enc.offset() as u32;
         for r in additionals {
             r.emit(&mut enc)?;
-            additional_ends.push(enc.offset() as u16);
+            additional_ends.push(enc.offset() as u32);
         }
         Ok(())
     })()

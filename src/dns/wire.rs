@@ -379,7 +379,7 @@ fn from_template(
     let extra = if opt { OPT_LEN } else { 0 };
     let bytes = &t.bytes[..];
     if bytes.len() < question.end
-        || bytes.len() + extra > limit && usize::from(t.answer_end) + extra > limit
+        || bytes.len() + extra > limit && t.answer_end as usize + extra > limit
     {
         // The answers do not fit: header and question only, TC set. The client retries over TCP.
         write_header(q, out, RCODE_NOERROR, true, [1, 0, 0, 0]);
@@ -401,12 +401,12 @@ fn from_template(
         additionals = t
             .additional_ends
             .iter()
-            .take_while(|&&e| usize::from(e) + extra <= limit)
+            .take_while(|&&e| e as usize + extra <= limit)
             .count();
         end = if additionals == 0 {
-            usize::from(t.answer_end)
+            t.answer_end as usize
         } else {
-            usize::from(t.additional_ends[additionals - 1])
+            t.additional_ends[additionals - 1] as usize
         };
     }
     out.extend_from_slice(&bytes[..end]);

@@ -71,10 +71,11 @@ enum Command {
         key: NodeKey,
         reply: oneshot::Sender<bool>,
     },
-    /// Attaches a session to a node; the reply is the session id (None: no such node).
+    /// Attaches a session to a node; the reply is the session id and the node's lease in
+    /// seconds (None: no such node).
     SessionOpen {
         key: NodeKey,
-        reply: oneshot::Sender<Option<u64>>,
+        reply: oneshot::Sender<Option<(u64, u32)>>,
     },
     /// The session's connection closed: remove the node if that session still holds it.
     SessionClose { key: NodeKey, id: u64 },
@@ -105,14 +106,29 @@ impl Registry {
         limits: Limits,
         shutdown: CancellationToken,
     ) -> (Registry, tokio::task::JoinHandle<()>) {
+        Self::start_at(store, loaded, publisher, limits, shutdown, 0)
+    }
+
+    /// Like [`Registry::start`], with the generation index starting at `initial_index`. The
+    /// server starts it at the current time in milliseconds, so that the index keeps growing
+    /// across restarts and a blocking query holding an index from before a restart is not
+    /// left waiting for a number the new process has not reached yet.
+    pub fn start_at(
+        store: Box<dyn Store>,
+        loaded: Loaded,
+        publisher: Box<dyn Publish>,
+        limits: Limits,
+        shutdown: CancellationToken,
+        initial_index: u64,
+    ) -> (Registry, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4096);
-        let (index_tx, index) = watch::channel(0);
+        let (index_tx, index) = watch::channel(initial_index);
         let counters = Arc::new(RegistryCounters::default());
         let mut writer = Writer {
             counters: counters.clone(),
             roles: BTreeMap::new(),
             deadlines: BTreeSet::new(),
-            index: 0,
+            index: initial_index,
             total: 0,
             next_session: 1,
             store,
@@ -161,7 +177,9 @@ impl Registry {
         self.call(|reply| Command::Renew { key, reply }).await
     }
 
-    pub async fn session_open(&self, key: NodeKey) -> Result<Option<u64>, RegistryError> {
+    /// Attaches a session to a registered node: returns the session id and the node's lease
+    /// (ttl, seconds), or None when the node is not registered.
+    pub async fn session_open(&self, key: NodeKey) -> Result<Option<(u64, u32)>, RegistryError> {
         self.call(|reply| Command::SessionOpen { key, reply }).await
     }
 
@@ -193,7 +211,9 @@ impl Registry {
         loop {
             changes.mark_unchanged();
             let info = self.role(role.clone()).await?;
-            if info.index > index || Instant::now() >= deadline {
+            // An index from the future means the server restarted since the client read it
+            // (Consul's rule): answer at once so the client starts over from the new index.
+            if info.index > index || index > *changes.borrow() || Instant::now() >= deadline {
                 return Ok(info);
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
@@ -218,7 +238,8 @@ impl Registry {
     ) -> Result<(u64, Vec<(Label, usize)>), RegistryError> {
         let mut changes = self.index.clone();
         let deadline = Instant::now() + wait;
-        while *changes.borrow_and_update() <= index {
+        // As in `role_after`, an index ahead of ours means a restart: answer at once.
+        while *changes.borrow_and_update() == index {
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => continue,
                 Ok(Err(_)) => return Err(RegistryError::Closed),
@@ -392,7 +413,7 @@ impl Writer {
                     .and_then(|r| r.nodes.get_mut(&key.node));
                 let result = lease.map(|l| {
                     l.session = Some(id);
-                    id
+                    (id, l.spec.ttl)
                 });
                 self.next_session += 1;
                 if result.is_some() {

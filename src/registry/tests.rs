@@ -242,8 +242,9 @@ async fn session_close_removes_only_the_current_session() {
         .await
         .unwrap();
     assert_eq!(reg.session_open(key("app", "zz")).await.unwrap(), None);
-    let old = reg.session_open(key("app", "a1")).await.unwrap().unwrap();
-    let new = reg.session_open(key("app", "a1")).await.unwrap().unwrap();
+    let (old, ttl) = reg.session_open(key("app", "a1")).await.unwrap().unwrap();
+    assert_eq!(ttl, 60);
+    let (new, _) = reg.session_open(key("app", "a1")).await.unwrap().unwrap();
     reg.session_close(key("app", "a1"), old);
     assert_eq!(
         reg.role(Label::parse("app").unwrap())
@@ -323,4 +324,44 @@ async fn restores_stored_nodes_with_their_remaining_lease() {
             .collect::<Vec<_>>(),
         ["b"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_index_from_before_a_restart_does_not_block() {
+    let (reg, _rec, _t) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 60))
+        .await
+        .unwrap();
+    // A client that read index 50 from a previous process: answered at once, with our index.
+    let t0 = Instant::now();
+    let info = reg
+        .role_after(Label::parse("app").unwrap(), 50, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(info.index, 1);
+    assert!(t0.elapsed() < Duration::from_millis(10));
+    let (index, _) = reg.roles_after(50, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(index, 1);
+    assert!(t0.elapsed() < Duration::from_millis(10));
+    // And the current index still blocks.
+    let t1 = Instant::now();
+    reg.roles_after(1, Duration::from_secs(3)).await.unwrap();
+    assert!(t1.elapsed() >= Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_at_begins_the_index_where_asked() {
+    let rec = Recorder::default();
+    let (reg, _) = Registry::start_at(
+        Box::new(MemoryStore),
+        Loaded::default(),
+        Box::new(rec.clone()),
+        Limits::default(),
+        CancellationToken::new(),
+        1_000,
+    );
+    reg.put(key("app", "a1"), spec("10.0.0.1", 60))
+        .await
+        .unwrap();
+    assert_eq!(reg.index(), 1_001);
 }

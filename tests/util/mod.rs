@@ -89,14 +89,23 @@ impl ServeProc {
         });
         let (mut dns, mut http) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Kills the child if anything below panics, so no test leaves a server behind.
+        struct Guard(Option<Child>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                if let Some(c) = self.0.as_mut() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+        let mut guard = Guard(Some(child));
         while dns.is_none() || http.is_none() {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|_| {
-                    panic!(
-                        "rollcall serve did not report its addresses; status {:?}",
-                        child.try_wait()
-                    )
+                    let status = guard.0.as_mut().map(|c| c.try_wait());
+                    panic!("rollcall serve did not report its addresses; status {status:?}")
                 });
             if line.contains("listening for DNS") {
                 dns = Some(field(&line, "udp="));
@@ -105,6 +114,7 @@ impl ServeProc {
                 http = Some(field(&line, "http="));
             }
         }
+        let child = guard.0.take().expect("still here");
         ServeProc {
             child,
             dns: dns.unwrap(),
