@@ -11,7 +11,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v nsd >/dev/null 2>&1 || [ -x /usr/sbin/nsd ] || need+=(nsd)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-python3 -c 'import bottle' >/dev/null 2>&1 || need+=(python3-bottle)
+/usr/bin/python3 -c 'import bottle' >/dev/null 2>&1 || need+=(python3-bottle)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
 
