@@ -6,7 +6,7 @@ fn main() -> ExitCode {
     let cli = match rollcall::cli::parse_with_config(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(rollcall::cli::CliError::Config(e)) => {
-            eprintln!("error: {e}");
+            report(&format!("error: {e}"));
             return ExitCode::from(2);
         }
         // clap prints usage errors (exit 2), --help and --version (exit 0) itself.
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            report(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -45,7 +45,7 @@ async fn run(command: Command) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err((code, message)) => {
-            eprintln!("error: {message}");
+            report(&format!("error: {message}"));
             ExitCode::from(code)
         }
     }
@@ -60,10 +60,19 @@ fn init_tracing(format: LogFormat) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_ansi(ansi)
+        // A closed stderr must not turn a log line into a panic (tracing's internal-error
+        // report uses eprintln!, which panics on EPIPE): logging is best effort.
+        .log_internal_errors(false)
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Prints one line to stderr; a closed stderr is not worth a panic.
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }

@@ -14,8 +14,10 @@ pub fn on_signals() -> CancellationToken {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "stopping");
+        // Cancel first: nothing (not even a failing log write) may stand between a signal and
+        // the shutdown.
         t.cancel();
+        tracing::info!(signal = name, "stopping");
     });
     token
 }

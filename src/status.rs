@@ -72,14 +72,25 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
                 .map_err(unreachable)?;
             nodes.extend(out.nodes);
         }
+        let mut text = String::new();
         if args.json {
             let doc = serde_json::json!({ "index": index, "nodes": nodes });
-            println!("{}", serde_json::to_string(&doc).expect("serializes"));
+            text = serde_json::to_string(&doc).expect("serializes") + "\n";
         } else {
             if args.watch {
-                print!("\x1b[2J\x1b[H"); // clear the screen
+                text.push_str("\x1b[2J\x1b[H"); // clear the screen
             }
-            print!("{}", table(index, &nodes));
+            text.push_str(&table(index, &nodes));
+        }
+        // A closed stdout (`rollcall status --watch | head`) ends the command quietly.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return Ok(0);
         }
         if !args.watch {
             return Ok(0);
