@@ -34,8 +34,9 @@ pub const TYPE_AAAA: u16 = 28;
 pub const TYPE_SRV: u16 = 33;
 const CLASS_IN: u16 = 1;
 
-/// How many rotations of a multi-record RRset are pre-encoded. Queries cycle through them.
-const MAX_ROTATIONS: usize = 8;
+/// How many rotations of an SRV set are pre-encoded (its records differ in size and its glue
+/// points into them, so it cannot be rotated in place). Queries cycle through them.
+const MAX_ROTATIONS: usize = 4;
 
 /// Everything the query path reads. Built by the [`Builder`], never mutated.
 pub struct Snapshot {
@@ -97,6 +98,10 @@ pub struct Template {
     /// End offset of each additional record, in order: the places a too-long response can be
     /// cut without losing answers.
     pub additional_ends: Box<[u32]>,
+    /// Size of every answer record when they all have the same size and nothing follows them
+    /// (A/AAAA sets): the query path then rotates the records itself, one step per query, so
+    /// every node comes first in turn. 0: the template is sent as it is.
+    pub fixed_rr: u16,
 }
 
 // ----- encoding helpers -------------------------------------------------------------------------
@@ -218,23 +223,32 @@ struct DnsNode<'a> {
 }
 
 /// A/AAAA answer at `owner` for `nodes` (all of one address family).
+/// One template; the query path rotates its equal-size records (see [`Template::fixed_rr`]).
 fn address_set(owner: &[u8], rtype: u16, nodes: &[&DnsNode<'_>]) -> RrSet {
     let ttl = nodes.iter().map(|n| n.ttl).min().unwrap_or(0);
-    let rotations = rotations(nodes, |it| {
-        let mut out = Vec::with_capacity(64 + nodes.len() * 28);
-        header(&mut out, nodes.len(), 0);
-        question(&mut out, owner, rtype);
-        for n in it {
-            rr_ptr_owner(&mut out, 12, rtype, ttl, |o| addr_rdata(o, n.spec.addr));
-        }
-        let end = out.len() as u32;
-        Template {
-            bytes: out.into_boxed_slice(),
-            answer_end: end,
-            additional_ends: Box::new([]),
-        }
-    });
-    RrSet { rtype, rotations }
+    let mut out = Vec::with_capacity(64 + nodes.len() * 28);
+    header(&mut out, nodes.len(), 0);
+    question(&mut out, owner, rtype);
+    for n in nodes {
+        rr_ptr_owner(&mut out, 12, rtype, ttl, |o| addr_rdata(o, n.spec.addr));
+    }
+    let end = out.len() as u32;
+    // Owner pointer (2) + type, class, TTL, length (10) + address.
+    let fixed_rr = if rtype == TYPE_A {
+        2 + 10 + 4
+    } else {
+        2 + 10 + 16
+    };
+    let t = Template {
+        bytes: out.into_boxed_slice(),
+        answer_end: end,
+        additional_ends: Box::new([]),
+        fixed_rr,
+    };
+    RrSet {
+        rtype,
+        rotations: Arc::from([t]),
+    }
 }
 
 /// SRV answer at `owner` for `nodes`, with every target's address as additional data.
@@ -275,6 +289,7 @@ fn srv_set(owner: &[u8], nodes: &[&DnsNode<'_>]) -> RrSet {
             bytes: out.into_boxed_slice(),
             answer_end,
             additional_ends: additional_ends.into(),
+            fixed_rr: 0,
         }
     });
     RrSet {
@@ -378,6 +393,7 @@ pub fn encode_records(
         bytes: buf.into_boxed_slice(),
         answer_end,
         additional_ends: additional_ends.into(),
+        fixed_rr: 0,
     }
 }
 

@@ -148,14 +148,18 @@ pub fn answer(
     }
     match pick(dynamic, question.qtype, rotation).or_else(|| pick(fixed, question.qtype, rotation))
     {
-        Some(t) => from_template(q, &question, t, out, limit, opt),
+        Some((t, shift)) => from_template(q, &question, t, shift, out, limit, opt),
         None => negative(q, &question, zone, apex_label, out, RCODE_NOERROR, opt),
     }
 }
 
 /// The template answering `qtype` at an entry: the RRset of that type, else a CNAME, else for
 /// ANY the first RRset only (RFC 8482).
-fn pick<'e>(entry: Option<&'e Entry>, qtype: u16, rotation: &mut u32) -> Option<&'e Template> {
+fn pick<'e>(
+    entry: Option<&'e Entry>,
+    qtype: u16,
+    rotation: &mut u32,
+) -> Option<(&'e Template, usize)> {
     let e = entry?;
     let set = if qtype == TYPE_ANY {
         e.sets.first()
@@ -164,10 +168,19 @@ fn pick<'e>(entry: Option<&'e Entry>, qtype: u16, rotation: &mut u32) -> Option<
     }?;
     let n = set.rotations.len();
     let t = set.rotations.get(*rotation as usize % n)?;
-    if n > 1 {
+    let records = t
+        .bytes
+        .get(6..8)
+        .map_or(0, |c| usize::from(u16::from_be_bytes([c[0], c[1]])));
+    let shift = if t.fixed_rr > 0 && records > 1 {
+        *rotation as usize % records
+    } else {
+        0
+    };
+    if n > 1 || records > 1 {
         *rotation = rotation.wrapping_add(1);
     }
-    Some(t)
+    Some((t, shift))
 }
 
 fn parse_question(q: &[u8]) -> Option<Question> {
@@ -368,10 +381,13 @@ fn negative(
     }
 }
 
+/// Copies template `t` (its first `shift` answer records moved to the end when it is
+/// rotatable, see `Template::fixed_rr`), patched for the query.
 fn from_template(
     q: &[u8],
     question: &Question,
     t: &Template,
+    shift: usize,
     out: &mut Vec<u8>,
     limit: usize,
     opt: bool,
@@ -409,7 +425,14 @@ fn from_template(
             t.additional_ends[additionals - 1] as usize
         };
     }
-    out.extend_from_slice(&bytes[..end]);
+    let split = question.end + shift * usize::from(t.fixed_rr);
+    if shift > 0 && end == t.answer_end as usize && split < end {
+        out.extend_from_slice(&bytes[..question.end]);
+        out.extend_from_slice(&bytes[split..end]);
+        out.extend_from_slice(&bytes[question.end..split]);
+    } else {
+        out.extend_from_slice(&bytes[..end]);
+    }
     out[..2].copy_from_slice(&q[..2]);
     out[2] = 0x84 | (q[2] & 0x01);
     out[3] = RCODE_NOERROR;
