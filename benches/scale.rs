@@ -69,7 +69,11 @@ fn visible(cell: &arc_swap::ArcSwap<rollcall::dns::Snapshot>, q: &[u8]) -> bool 
 async fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a quick smoke test.
     let full = std::env::args().any(|a| a == "--bench");
-    let (roles, per_role, probes) = if full { (1000usize, 100usize, 20_000usize) } else { (10, 10, 100) };
+    let (roles, per_role, probes) = if full {
+        (1000usize, 100usize, 20_000usize)
+    } else {
+        (10, 10, 100)
+    };
     let dir = tempfile::tempdir().unwrap();
     let rss_start = rss_mb();
 
