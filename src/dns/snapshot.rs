@@ -142,7 +142,7 @@ fn question(out: &mut Vec<u8>, name: &[u8], qtype: u16) {
 /// Largest offset a compression pointer can hold (14 bits).
 const MAX_POINTER: usize = 0x3FFF;
 
-/// Writes an RR whose owner is written out in full (wire format).
+/// Writes an RR whose owner is `owner`: a wire-format name, or a compression pointer.
 fn rr_named(
     out: &mut Vec<u8>,
     owner: &[u8],
@@ -169,15 +169,14 @@ fn rr_ptr_owner(
     ttl: u32,
     rdata: impl FnOnce(&mut Vec<u8>),
 ) {
-    out.extend_from_slice(&(0xC000 | owner_at as u16).to_be_bytes());
-    out.extend_from_slice(&rtype.to_be_bytes());
-    out.extend_from_slice(&CLASS_IN.to_be_bytes());
-    out.extend_from_slice(&ttl.to_be_bytes());
-    let len_at = out.len();
-    out.extend_from_slice(&[0, 0]);
-    rdata(out);
-    let len = (out.len() - len_at - 2) as u16;
-    out[len_at..len_at + 2].copy_from_slice(&len.to_be_bytes());
+    debug_assert!(owner_at <= MAX_POINTER);
+    rr_named(
+        out,
+        &(0xC000 | owner_at as u16).to_be_bytes(),
+        rtype,
+        ttl,
+        rdata,
+    );
 }
 
 fn addr_rdata(out: &mut Vec<u8>, addr: IpAddr) {
