@@ -70,7 +70,8 @@ pub enum StoreError {
 
 /// The seam between the registry and its storage.
 pub trait Store: Send + 'static {
-    /// Appends one record; it reaches the OS at once but is only durable after `commit(true)`.
+    /// Appends one record; it reaches the OS by the next `commit` at the latest and is only
+    /// durable after `commit(true)`.
     fn append(&mut self, rec: &StoredRecord) -> io::Result<()>;
     /// Makes appended records durable when `durable` is set, else only when the last sync is
     /// older than the store's lazy-sync interval.
@@ -111,6 +112,8 @@ pub struct LogStore {
     file: File,
     _lock: File,
     buf: Vec<u8>,
+    /// Renewal records not yet written (see `append`).
+    pending: Vec<u8>,
     unsynced: bool,
     last_sync: Instant,
     records_in_log: usize,
@@ -162,6 +165,7 @@ impl LogStore {
             file,
             _lock: lock,
             buf: Vec::with_capacity(256),
+            pending: Vec::with_capacity(64 * 1024),
             unsynced: false,
             last_sync: Instant::now(),
             records_in_log: loaded.nodes.len(),
@@ -171,11 +175,30 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    fn flush_pending(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all(&self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+}
+
 impl Store for LogStore {
     fn append(&mut self, rec: &StoredRecord) -> io::Result<()> {
-        self.buf.clear();
-        encode_frame(rec, &mut self.buf);
-        self.file.write_all(&self.buf)?;
+        if let StoredRecord::Renew { .. } = rec {
+            // Renewals are many and only move a deadline: gather them and write them with one
+            // syscall in `commit`, which the writer calls before it replies to anyone.
+            encode_frame(rec, &mut self.pending);
+        } else {
+            // Registrations and deregistrations are written at once, after any renewals
+            // gathered before them, so that a failure is reported to the request that caused it.
+            self.flush_pending()?;
+            self.buf.clear();
+            encode_frame(rec, &mut self.buf);
+            self.file.write_all(&self.buf)?;
+        }
         self.unsynced = true;
         self.records_in_log += 1;
         match rec {
@@ -187,6 +210,7 @@ impl Store for LogStore {
     }
 
     fn commit(&mut self, durable: bool) -> io::Result<()> {
+        self.flush_pending()?;
         if self.unsynced && (durable || self.last_sync.elapsed() >= LAZY_SYNC) {
             self.file.sync_data()?;
             self.unsynced = false;
@@ -201,6 +225,8 @@ impl Store for LogStore {
 
     fn compact(&mut self, nodes: Vec<StoredNode>) -> io::Result<()> {
         self.file = rewrite(&self.dir, &mut nodes.iter().cloned())?;
+        // The rewrite holds every lease as it is now: gathered renewals are part of it.
+        self.pending.clear();
         self.records_in_log = nodes.len();
         self.live_hint = nodes.len();
         self.unsynced = false;
@@ -361,6 +387,38 @@ mod tests {
         let names: Vec<_> = l.nodes.iter().map(|n| n.node.as_str()).collect();
         assert_eq!(names, ["a"]);
         assert!(l.dropped.is_empty());
+    }
+
+    #[test]
+    fn gathered_renewals_reach_the_file_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let far = unix_ms() + 60_000;
+        {
+            let (mut s, _) = LogStore::open(dir.path()).unwrap();
+            s.append(&StoredRecord::Put(node("a", far))).unwrap();
+            s.commit(true).unwrap();
+            for i in 1..=100 {
+                s.append(&StoredRecord::Renew {
+                    role: "app".into(),
+                    node: "a".into(),
+                    expires_unix_ms: far + i,
+                })
+                .unwrap();
+            }
+            // A registration after gathered renewals keeps the order in the file.
+            s.append(&StoredRecord::Put(node("b", far))).unwrap();
+            s.append(&StoredRecord::Renew {
+                role: "app".into(),
+                node: "a".into(),
+                expires_unix_ms: far + 500,
+            })
+            .unwrap();
+            s.commit(false).unwrap(); // written to the OS (no fsync): survives a process crash
+        }
+        let (_s, l) = LogStore::open(dir.path()).unwrap();
+        let a = l.nodes.iter().find(|n| n.node == "a").unwrap();
+        assert_eq!(a.expires_unix_ms, far + 500);
+        assert!(l.nodes.iter().any(|n| n.node == "b"));
     }
 
     #[test]
