@@ -27,13 +27,7 @@ fn rss_mb() -> f64 {
 }
 
 fn settings() -> ZoneSettings {
-    ZoneSettings {
-        zone: Name::from_ascii("cluster.").unwrap(),
-        record_ttl: 5,
-        negative_ttl: 1,
-        ns_name: Name::from_ascii("ns.cluster.").unwrap(),
-        ns_addr: None,
-    }
+    ZoneSettings::new(Name::from_ascii("cluster.").unwrap())
 }
 
 fn spec(i: usize) -> NodeSpec {

@@ -18,11 +18,8 @@ pub fn sample_snapshot() -> Arc<Snapshot> {
     static SNAP: OnceLock<Arc<Snapshot>> = OnceLock::new();
     SNAP.get_or_init(|| {
         let settings = ZoneSettings {
-            zone: Name::from_ascii("cluster.").unwrap(),
-            record_ttl: 5,
-            negative_ttl: 1,
-            ns_name: Name::from_ascii("ns.cluster.").unwrap(),
             ns_addr: Some("127.0.0.1".parse().unwrap()),
+            ..ZoneSettings::new(Name::from_ascii("cluster.").unwrap())
         };
         let builder = Arc::new(Mutex::new(Builder::new(settings, Vec::new())));
         let cell = builder.lock().unwrap().cell();

@@ -49,16 +49,8 @@ impl DnsCounters {
     /// Counts an answered query. Only the owning thread may call this (see module docs).
     #[inline]
     pub fn answered(&self, qtype: u16, rcode: u8, truncated: bool) {
-        let qi = QTYPES
-            .iter()
-            .position(|(t, _)| *t == qtype)
-            .unwrap_or(QTYPES.len() - 1);
+        let (qi, ri) = slots(qtype, rcode);
         bump(&self.qtype[qi]);
-        let ri = match rcode {
-            0..=5 => usize::from(rcode),
-            16 => 6,
-            _ => 7,
-        };
         bump(&self.rcode[ri]);
         if truncated {
             bump(&self.truncated);
@@ -77,22 +69,28 @@ pub struct SharedDnsCounters(DnsCounters);
 
 impl SharedDnsCounters {
     pub fn answered(&self, qtype: u16, rcode: u8, truncated: bool) {
-        let c = &self.0;
-        let qi = QTYPES
-            .iter()
-            .position(|(t, _)| *t == qtype)
-            .unwrap_or(QTYPES.len() - 1);
+        let (c, (qi, ri)) = (&self.0, slots(qtype, rcode));
         c.qtype[qi].fetch_add(1, Relaxed);
-        let ri = match rcode {
-            0..=5 => usize::from(rcode),
-            16 => 6,
-            _ => 7,
-        };
         c.rcode[ri].fetch_add(1, Relaxed);
         if truncated {
             c.truncated.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// The counter slots of a query type and a response code (see `QTYPES`, `RCODES`).
+#[inline]
+fn slots(qtype: u16, rcode: u8) -> (usize, usize) {
+    let qi = QTYPES
+        .iter()
+        .position(|(t, _)| *t == qtype)
+        .unwrap_or(QTYPES.len() - 1);
+    let ri = match rcode {
+        0..=5 => usize::from(rcode),
+        16 => 6,
+        _ => 7,
+    };
+    (qi, ri)
 }
 
 /// All DNS counters: one block per UDP thread, one shared block for TCP.

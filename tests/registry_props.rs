@@ -83,13 +83,7 @@ fn dns_addrs(cell: &arc_swap::ArcSwap<rollcall::dns::Snapshot>, role: u8) -> Vec
 }
 
 async fn check(ops: Vec<Op>) {
-    let settings = ZoneSettings {
-        zone: Name::from_ascii("cluster.").unwrap(),
-        record_ttl: 5,
-        negative_ttl: 1,
-        ns_name: Name::from_ascii("ns.cluster.").unwrap(),
-        ns_addr: None,
-    };
+    let settings = ZoneSettings::new(Name::from_ascii("cluster.").unwrap());
     let builder = Arc::new(Mutex::new(Builder::new(settings, Vec::new())));
     let cell = builder.lock().unwrap().cell();
     let (reg, _) = Registry::start(

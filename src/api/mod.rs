@@ -97,6 +97,17 @@ impl AppState {
     }
 }
 
+/// A permit of one of the caps on long-lived requests, or a 503 naming the cap.
+pub(crate) fn permit(
+    cap: &Arc<tokio::sync::Semaphore>,
+    what: &str,
+    limit: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    cap.clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(what, limit))
+}
+
 /// 503 for a request over one of the caps.
 fn busy(what: &str, limit: usize) -> ApiError {
     ApiError::new(
@@ -486,11 +497,7 @@ async fn roles_list(
     let (index, roles) = match params.blocking(state.max_wait)? {
         None => state.registry.roles().await?,
         Some((index, wait)) => {
-            let _permit = state
-                .waiters
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| busy("blocking queries", MAX_WAITERS))?;
+            let _permit = permit(&state.waiters, "blocking queries", MAX_WAITERS)?;
             state.registry.roles_after(index, wait).await?
         }
     };
@@ -546,11 +553,7 @@ async fn role_get(
     let info = match params.blocking(state.max_wait)? {
         None => state.registry.role(role).await?,
         Some((index, wait)) => {
-            let _permit = state
-                .waiters
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| busy("blocking queries", MAX_WAITERS))?;
+            let _permit = permit(&state.waiters, "blocking queries", MAX_WAITERS)?;
             state.registry.role_after(role, index, wait).await?
         }
     };

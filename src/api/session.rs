@@ -22,11 +22,7 @@ pub async fn session(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let key = parse_key(&role, &node)?;
-    let permit = state
-        .sessions
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| super::busy("sessions", super::MAX_SESSIONS))?;
+    let permit = super::permit(&state.sessions, "sessions", super::MAX_SESSIONS)?;
     let Some((id, ttl)) = state.registry.session_open(key.clone()).await? else {
         return Err(ApiError::not_found(format!(
             "node {node} is not registered under role {role}: PUT it first, then open its session"

@@ -408,6 +408,24 @@ pub struct ZoneSettings {
     pub ns_addr: Option<IpAddr>,
 }
 
+impl ZoneSettings {
+    /// The defaults of `rollcall serve` for `zone`: record TTL 5 s, negative TTL 1 s, name
+    /// server `ns.<zone>` without an address.
+    pub fn new(zone: Name) -> ZoneSettings {
+        let ns_name = Name::from_ascii("ns")
+            .unwrap()
+            .append_domain(&zone)
+            .unwrap_or_else(|_| zone.clone());
+        ZoneSettings {
+            zone,
+            record_ttl: 5,
+            negative_ttl: 1,
+            ns_name,
+            ns_addr: None,
+        }
+    }
+}
+
 /// Owns the parts of snapshots and publishes new ones. Lives behind a mutex shared by the
 /// registry writer (role changes) and the SIGHUP reloader (static zones); readers never see it.
 pub struct Builder {

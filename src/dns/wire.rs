@@ -328,12 +328,27 @@ fn start_response(q: &[u8], question: &Question, out: &mut Vec<u8>, rcode: u8) {
 /// A response with the question and no records (REFUSED, FORMERR).
 fn respond(q: &[u8], question: &Question, out: &mut Vec<u8>, rcode: u8, opt: bool) -> Outcome {
     start_response(q, question, out, rcode);
+    finish(out, question, rcode, false, opt)
+}
+
+/// Ends every response that carries the question: TC when asked, the OPT record when the query
+/// had one, and the outcome for the counters.
+fn finish(
+    out: &mut Vec<u8>,
+    question: &Question,
+    rcode: u8,
+    truncated: bool,
+    opt: bool,
+) -> Outcome {
+    if truncated {
+        out[2] |= 0x02;
+    }
     if opt {
         push_opt(out, 0);
     }
     Outcome::Answered {
         rcode,
-        truncated: false,
+        truncated,
         qtype: question.qtype,
     }
 }
@@ -359,26 +374,11 @@ fn negative(
 ) -> Outcome {
     write_header(q, out, rcode, true, [1, 0, 1, 0]);
     out.extend_from_slice(&q[12..question.end]);
-    let apex_at = if apex_label == 0 {
-        0
-    } else {
-        usize::from(question.labels[apex_label])
-    };
-    let apex_at = if question.len == zone.apex.len() {
-        0
-    } else {
-        apex_at
-    };
+    // Where the apex starts inside the question (label 0 starts at 0).
+    let apex_at = usize::from(question.labels[apex_label]);
     out.extend_from_slice(&(0xC000u16 | (12 + apex_at) as u16).to_be_bytes());
     out.extend_from_slice(&zone.soa_tail);
-    if opt {
-        push_opt(out, 0);
-    }
-    Outcome::Answered {
-        rcode,
-        truncated: false,
-        qtype: question.qtype,
-    }
+    finish(out, question, rcode, false, opt)
 }
 
 /// Copies template `t` (its first `shift` answer records moved to the end when it is
@@ -399,16 +399,8 @@ fn from_template(
     {
         // The answers do not fit: header and question only, TC set. The client retries over TCP.
         write_header(q, out, RCODE_NOERROR, true, [1, 0, 0, 0]);
-        out[2] |= 0x02;
         out.extend_from_slice(&q[12..question.end]);
-        if opt {
-            push_opt(out, 0);
-        }
-        return Outcome::Answered {
-            rcode: RCODE_NOERROR,
-            truncated: true,
-            qtype: question.qtype,
-        };
+        return finish(out, question, RCODE_NOERROR, true, opt);
     }
     let mut end = bytes.len();
     let mut additionals = t.additional_ends.len();
@@ -438,14 +430,7 @@ fn from_template(
     out[3] = RCODE_NOERROR;
     out[10..12].copy_from_slice(&(additionals as u16).to_be_bytes());
     out[12..question.end].copy_from_slice(&q[12..question.end]);
-    if opt {
-        push_opt(out, 0);
-    }
-    Outcome::Answered {
-        rcode: RCODE_NOERROR,
-        truncated: false,
-        qtype: question.qtype,
-    }
+    finish(out, question, RCODE_NOERROR, false, opt)
 }
 
 /// `4.3.2.1.in-addr.arpa.` / 32 nibbles `.ip6.arpa.` -> the address.
@@ -511,23 +496,8 @@ fn answer_ptr(
     out[6..8].copy_from_slice(&found.to_be_bytes());
     if out.len() + if opt { OPT_LEN } else { 0 } > limit {
         out.truncate(question.end);
-        out[2] |= 0x02;
         out[6..8].copy_from_slice(&[0, 0]);
-        if opt {
-            push_opt(out, 0);
-        }
-        return Outcome::Answered {
-            rcode: RCODE_NOERROR,
-            truncated: true,
-            qtype: question.qtype,
-        };
+        return finish(out, question, RCODE_NOERROR, true, opt);
     }
-    if opt {
-        push_opt(out, 0);
-    }
-    Outcome::Answered {
-        rcode: RCODE_NOERROR,
-        truncated: false,
-        qtype: question.qtype,
-    }
+    finish(out, question, RCODE_NOERROR, false, opt)
 }

@@ -480,28 +480,17 @@ impl Writer {
             }
         }
         let changed = existing.is_none_or(|l| !l.spec.visible_eq(&spec));
-        let existing_before = existing.is_some();
-        let expires_unix_ms = unix_ms() + u64::from(spec.ttl) * 1000;
+        let unix_now = unix_ms();
         let record = if changed {
             let registered = existing.map_or(now, |l| l.registered);
-            StoredRecord::Put(StoredNode {
-                role: key.role.to_string(),
-                node: key.node.to_string(),
-                addr: spec.addr.to_string(),
-                port: spec.port,
-                service: spec.service.to_string(),
-                ttl: spec.ttl,
-                weight: spec.weight,
-                meta: spec.meta.clone(),
-                expires_unix_ms,
-                registered_unix_ms: unix_ms()
-                    .saturating_sub(now.duration_since(registered).as_millis() as u64),
-            })
+            StoredRecord::Put(stored_node(
+                &key.role, &key.node, &spec, deadline, registered, now, unix_now,
+            ))
         } else {
             StoredRecord::Renew {
                 role: key.role.to_string(),
                 node: key.node.to_string(),
-                expires_unix_ms,
+                expires_unix_ms: unix_now + u64::from(spec.ttl) * 1000,
             }
         };
         self.store
@@ -512,6 +501,7 @@ impl Writer {
         let role = self.roles.get_mut(&key.role).expect("entry made above");
         let (registered, session) = match role.nodes.get(&key.node) {
             Some(old) => {
+                RegistryCounters::inc(&self.counters.renewals);
                 self.deadlines.remove(&(old.deadline, key.clone()));
                 (old.registered, old.session)
             }
@@ -524,9 +514,6 @@ impl Writer {
         };
         if changed {
             self.dirty.insert(key.role.clone());
-        }
-        if existing_before {
-            RegistryCounters::inc(&self.counters.renewals);
         }
         self.deadlines.insert((deadline, key.clone()));
         let info = NodeInfo {
@@ -650,19 +637,8 @@ impl Writer {
         let now = Instant::now();
         let unix_now = unix_ms();
         self.roles.iter().flat_map(move |(role, r)| {
-            r.nodes.iter().map(move |(node, l)| StoredNode {
-                role: role.to_string(),
-                node: node.to_string(),
-                addr: l.spec.addr.to_string(),
-                port: l.spec.port,
-                service: l.spec.service.to_string(),
-                ttl: l.spec.ttl,
-                weight: l.spec.weight,
-                meta: l.spec.meta.clone(),
-                expires_unix_ms: unix_now
-                    + l.deadline.saturating_duration_since(now).as_millis() as u64,
-                registered_unix_ms: unix_now
-                    .saturating_sub(now.duration_since(l.registered).as_millis() as u64),
+            r.nodes.iter().map(move |(node, l)| {
+                stored_node(role, node, &l.spec, l.deadline, l.registered, now, unix_now)
             })
         })
     }
@@ -691,6 +667,31 @@ impl Writer {
                 })
                 .collect(),
         }
+    }
+}
+
+/// A lease as the store keeps it: instants turned into unix milliseconds.
+fn stored_node(
+    role: &Label,
+    node: &Label,
+    spec: &NodeSpec,
+    deadline: Instant,
+    registered: Instant,
+    now: Instant,
+    unix_now: u64,
+) -> StoredNode {
+    StoredNode {
+        role: role.to_string(),
+        node: node.to_string(),
+        addr: spec.addr.to_string(),
+        port: spec.port,
+        service: spec.service.to_string(),
+        ttl: spec.ttl,
+        weight: spec.weight,
+        meta: spec.meta.clone(),
+        expires_unix_ms: unix_now + deadline.saturating_duration_since(now).as_millis() as u64,
+        registered_unix_ms: unix_now
+            .saturating_sub(now.saturating_duration_since(registered).as_millis() as u64),
     }
 }
 
