@@ -66,6 +66,7 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; 512];
     let mut out = Vec::with_capacity(4096);
+    let mut framed = Vec::with_capacity(4096 + 2);
     let mut rotation = rand::random::<u32>();
     loop {
         let len = match tokio::time::timeout(IDLE_TIMEOUT, stream.read_u16()).await {
@@ -92,7 +93,7 @@ async fn connection(
         } = outcome
         {
             stats.tcp.answered(qtype, rcode, truncated);
-            let mut framed = Vec::with_capacity(out.len() + 2);
+            framed.clear();
             framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
             framed.extend_from_slice(&out);
             stream.write_all(&framed).await?;
