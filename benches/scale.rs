@@ -13,8 +13,8 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
 use rollcall::dns::snapshot::{Builder, ZoneSettings};
 use rollcall::dns::wire::{answer, Transport};
+use rollcall::journal::{Journal, LogJournal};
 use rollcall::registry::{Label, Limits, NodeKey, NodeSpec, Registry};
-use rollcall::store::{LogStore, Store};
 use tokio_util::sync::CancellationToken;
 
 fn rss_mb() -> f64 {
@@ -72,7 +72,7 @@ async fn main() {
     let rss_start = rss_mb();
 
     // Fill: 100,000 nodes in 1,000 roles, through the registry (with the data dir).
-    let (store, loaded) = LogStore::open(dir.path()).unwrap();
+    let (store, loaded) = LogJournal::open(dir.path()).unwrap();
     let builder = Arc::new(Mutex::new(Builder::new(settings(), Vec::new())));
     let cell = builder.lock().unwrap().cell();
     let limits = Limits {
@@ -80,7 +80,7 @@ async fn main() {
         max_nodes_per_role: 100_000,
     };
     let (reg, task) = Registry::start(
-        Box::new(store) as Box<dyn Store>,
+        Box::new(store) as Box<dyn Journal>,
         loaded,
         Box::new(builder.clone()),
         limits.clone(),
@@ -162,7 +162,7 @@ async fn main() {
         max_nodes_per_role: 100_000,
     };
     let (reg_mem, _t) = Registry::start(
-        Box::new(rollcall::store::MemoryStore),
+        Box::new(rollcall::journal::MemoryJournal),
         Default::default(),
         Box::new(builder_mem),
         limits_mem,
@@ -200,11 +200,11 @@ async fn main() {
 
     // Start-up from the data dir: open (replay + compaction) + restore + first publish.
     let t = Instant::now();
-    let (store, loaded) = LogStore::open(dir.path()).unwrap();
+    let (store, loaded) = LogJournal::open(dir.path()).unwrap();
     let restored = loaded.nodes.len();
     let builder2 = Arc::new(Mutex::new(Builder::new(settings(), Vec::new())));
     let (reg2, _task2) = Registry::start(
-        Box::new(store) as Box<dyn Store>,
+        Box::new(store) as Box<dyn Journal>,
         loaded,
         Box::new(builder2),
         limits,

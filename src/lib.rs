@@ -3,7 +3,7 @@
 //! Layout (see ARCHITECTURE.md for the why):
 //! - [`cli`]: raw flags; [`config`]: validated settings built once from them;
 //! - [`registry`]: the single owner of registrations (leases, expiry, index, change feed);
-//! - [`store`]: durability of the registry in the data directory;
+//! - [`journal`]: the embedded registry owner's log in the data directory;
 //! - [`dns`]: snapshot, query path, UDP and TCP transports, zone files;
 //! - [`api`]: the HTTP API (axum);
 //! - [`server`]: `rollcall serve`, wiring the above together;
@@ -12,13 +12,14 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dns;
 pub mod fuzz;
 pub mod hipache;
+pub mod journal;
 pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod shutdown;
 pub mod status;
-pub mod store;

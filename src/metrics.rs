@@ -122,6 +122,12 @@ pub struct RegistryCounters {
     pub session_opens: AtomicU64,
     pub session_closes: AtomicU64,
     pub publishes: AtomicU64,
+    /// PUTs that changed a registered node's address, port or anything else shown.
+    pub changes: AtomicU64,
+    /// Failed journal writes, syncs or rewrites.
+    pub storage_failures: AtomicU64,
+    /// Journal rewrites of the live set (compactions and recoveries).
+    pub compactions: AtomicU64,
 }
 
 impl RegistryCounters {
@@ -292,6 +298,21 @@ pub fn render(
             "rollcall_snapshot_publishes_total",
             "DNS snapshots published.",
             &reg.publishes,
+        ),
+        (
+            "rollcall_changes_total",
+            "PUTs that changed a registered node (address, port, service, ttl, weight, meta).",
+            &reg.changes,
+        ),
+        (
+            "rollcall_storage_failures_total",
+            "Failed writes, syncs or rewrites of the data dir (requests answered 503).",
+            &reg.storage_failures,
+        ),
+        (
+            "rollcall_journal_rewrites_total",
+            "Rewrites of the data dir's log from the live set (compactions, recoveries).",
+            &reg.compactions,
         ),
     ];
     for (name, help, c) in events {

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
 use crate::dns::{self, zones::ZoneError, Builder, ZoneSettings};
+use crate::journal::{Journal, JournalError, Loaded, LogJournal, MemoryJournal};
 use crate::registry::Registry;
-use crate::store::{Loaded, LogStore, MemoryStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -33,7 +33,7 @@ pub enum StartError {
     #[error("zone file {0}: fix it, or move it out of --zones")]
     Zone(#[from] ZoneError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Journal(#[from] JournalError),
 }
 
 /// A running server.
@@ -126,15 +126,27 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         .local_addr()
         .map_err(|e| bind_error(e, config.http_listen, "HTTP API", "http-listen"))?;
 
-    let (store, loaded): (Box<dyn Store>, Loaded) = match &config.data_dir {
+    let (journal, loaded): (Box<dyn Journal>, Loaded) = match &config.data_dir {
         Some(dir) => {
-            let (store, loaded) = LogStore::open(dir)?;
+            let (journal, loaded) = LogJournal::open(dir)?;
             for d in &loaded.dropped {
                 tracing::warn!(data_dir = %dir.display(), "dropped a damaged record: {d}");
             }
-            (Box::new(store), loaded)
+            if let Some(kept) = &journal.kept_damaged {
+                tracing::warn!(copy = %kept.display(), "the data dir's log was damaged: the original is kept beside the rewritten log");
+            }
+            if let Some(why) = &journal.compaction_deferred {
+                tracing::warn!(data_dir = %dir.display(), "could not compact the log at start ({why}); appending to it instead: free some space");
+            }
+            tracing::info!(data_dir = %dir.display(), nodes = loaded.nodes.len(), "opened the data dir");
+            (Box::new(journal), loaded)
         }
-        None => (Box::new(MemoryStore), Loaded::default()),
+        None => {
+            tracing::info!(
+                "no data dir (--data-dir ''): registrations live only as long as the process"
+            );
+            (Box::new(MemoryJournal), Loaded::default())
+        }
     };
 
     let ns_addr = Some(dns_addr.ip()).filter(|ip: &IpAddr| !ip.is_unspecified());
@@ -148,12 +160,12 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let builder = Arc::new(Mutex::new(Builder::new(settings, statics)));
     let cell = builder.lock().unwrap().cell();
     let (registry, registry_task) = Registry::start_at(
-        store,
+        journal,
         loaded,
         Box::new(builder.clone()),
         config.limits.clone(),
         shutdown.clone(),
-        crate::store::unix_ms(),
+        crate::clock::unix_ms(),
     );
 
     let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();

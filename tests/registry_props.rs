@@ -12,8 +12,8 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use proptest::prelude::*;
 use rollcall::dns::snapshot::{Builder, ZoneSettings};
 use rollcall::dns::wire::{answer, Transport};
+use rollcall::journal::{Loaded, MemoryJournal};
 use rollcall::registry::{Label, Limits, NodeKey, NodeSpec, Registry};
-use rollcall::store::{Loaded, MemoryStore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -87,7 +87,7 @@ async fn check(ops: Vec<Op>) {
     let builder = Arc::new(Mutex::new(Builder::new(settings, Vec::new())));
     let cell = builder.lock().unwrap().cell();
     let (reg, _) = Registry::start(
-        Box::new(MemoryStore),
+        Box::new(MemoryJournal),
         Loaded::default(),
         Box::new(builder),
         Limits::default(),

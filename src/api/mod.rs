@@ -7,6 +7,7 @@ pub mod error;
 pub mod model;
 pub mod serve;
 pub mod session;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -116,6 +117,9 @@ fn busy(what: &str, limit: usize) -> ApiError {
     )
 }
 
+/// Nodes embedded in the status page at most (the page's own blocking queries show the rest).
+const PAGE_NODES: usize = 2_000;
+
 /// The API description, generated from the handlers' annotations; served at `/v1/openapi.json`.
 #[derive(utoipa::OpenApi)]
 #[openapi(
@@ -138,19 +142,16 @@ pub struct ApiDoc;
 
 /// The status page: roles, nodes and leases ticking down, refreshed by blocking queries.
 async fn page(State(state): State<AppState>) -> Result<axum::response::Html<String>, ApiError> {
-    let (index, roles) = state.registry.roles().await?;
-    let mut nodes = Vec::new();
-    for (role, _) in roles {
-        nodes.extend(
-            state
-                .registry
-                .role(role)
-                .await?
-                .nodes
-                .iter()
-                .map(NodeOut::from),
-        );
-    }
+    let view = state.registry.view()?;
+    let index = view.index;
+    let now = tokio::time::Instant::now();
+    let nodes: Vec<NodeOut> = view
+        .roles
+        .iter()
+        .flat_map(|(role, r)| r.nodes.iter().map(move |n| (role, n)))
+        .take(PAGE_NODES)
+        .map(|(role, n)| NodeOut::from(&view.node_info(role, n, now)))
+        .collect();
     // `<` escaped so that no value can close the script element.
     let initial = serde_json::json!({ "index": index, "nodes": nodes })
         .to_string()
@@ -471,11 +472,10 @@ async fn node_get(
     Path((role, node)): Path<(String, String)>,
 ) -> Result<Json<NodeOut>, ApiError> {
     let key = parse_key(&role, &node)?;
-    let info = state.registry.role(key.role.clone()).await?;
-    info.nodes
-        .iter()
-        .find(|n| n.key == key)
-        .map(|n| Json(NodeOut::from(n)))
+    state
+        .registry
+        .node(&key)?
+        .map(|n| Json(NodeOut::from(&n)))
         .ok_or_else(|| {
             ApiError::not_found(format!("node {node} is not registered under role {role}"))
         })
@@ -550,18 +550,27 @@ async fn role_get(
     Query(params): Query<BlockingParams>,
 ) -> Result<Response, ApiError> {
     let role = parse_role(&role)?;
-    let info = match params.blocking(state.max_wait)? {
-        None => state.registry.role(role).await?,
+    let (view, snap) = match params.blocking(state.max_wait)? {
+        None => {
+            let view = state.registry.view()?;
+            let snap = view.roles.get(&role).cloned();
+            (view, snap)
+        }
         Some((index, wait)) => {
             let _permit = permit(&state.waiters, "blocking queries", MAX_WAITERS)?;
-            state.registry.role_after(role, index, wait).await?
+            state
+                .registry
+                .role_snapshot_after(&role, index, wait)
+                .await?
         }
     };
-    let body = RoleOut {
-        index: info.index,
-        nodes: info.nodes.iter().map(NodeOut::from).collect(),
-    };
-    Ok(with_index(info.index, Json(body)))
+    let index = snap.as_ref().map_or(0, |s| s.index);
+    let body = stream::role_body(view, role, snap);
+    let headers = [(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    )];
+    Ok(with_index(index, (headers, body)))
 }
 
 /// `30s`, `500ms`, `2m`, or a bare number of seconds.

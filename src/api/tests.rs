@@ -10,8 +10,8 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 use super::*;
+use crate::journal::{Loaded, MemoryJournal};
 use crate::registry::Limits;
-use crate::store::{Loaded, MemoryStore};
 
 struct NoDns;
 impl crate::registry::Publish for NoDns {
@@ -21,7 +21,7 @@ impl crate::registry::Publish for NoDns {
 fn app_with(access: Access) -> (Router, Registry) {
     let token = tokio_util::sync::CancellationToken::new();
     let (registry, _) = Registry::start(
-        Box::new(MemoryStore),
+        Box::new(MemoryJournal),
         Loaded::default(),
         Box::new(NoDns),
         Limits::default(),

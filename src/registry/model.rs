@@ -116,7 +116,7 @@ pub struct RoleInfo {
     pub nodes: Vec<NodeInfo>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
     #[error("the registry is full: {0}")]
     Full(String),

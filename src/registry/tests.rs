@@ -1,7 +1,8 @@
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::store::MemoryStore;
+use crate::journal::MemoryJournal;
+use crate::journal::{unix_ms, Loaded, StoredNode};
 
 /// Records every publish: (index, [(role, node count)]).
 #[derive(Clone, Default)]
@@ -30,7 +31,7 @@ fn start(limits: Limits) -> (Registry, Recorder, CancellationToken) {
     let rec = Recorder::default();
     let token = CancellationToken::new();
     let (reg, _) = Registry::start(
-        Box::new(MemoryStore),
+        Box::new(MemoryJournal),
         Loaded::default(),
         Box::new(rec.clone()),
         limits,
@@ -308,7 +309,7 @@ async fn restores_stored_nodes_with_their_remaining_lease() {
         dropped: vec![],
     };
     let (reg, _) = Registry::start(
-        Box::new(MemoryStore),
+        Box::new(MemoryJournal),
         loaded,
         Box::new(rec.clone()),
         Limits::default(),
@@ -353,7 +354,7 @@ async fn an_index_from_before_a_restart_does_not_block() {
 async fn start_at_begins_the_index_where_asked() {
     let rec = Recorder::default();
     let (reg, _) = Registry::start_at(
-        Box::new(MemoryStore),
+        Box::new(MemoryJournal),
         Loaded::default(),
         Box::new(rec.clone()),
         Limits::default(),
@@ -364,4 +365,116 @@ async fn start_at_begins_the_index_where_asked() {
         .await
         .unwrap();
     assert_eq!(reg.index(), 1_001);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_put_leaves_nothing_behind() {
+    // Before: every PUT refused over a limit created an empty role entry that was never removed.
+    let (reg, _rec, _t) = start(Limits {
+        max_nodes: 1,
+        max_nodes_per_role: 1,
+    });
+    reg.put(key("app", "a1"), spec("10.0.0.1", 60))
+        .await
+        .unwrap();
+    for i in 0..1000 {
+        let err = reg
+            .put(key(&format!("r{i}"), "n"), spec("10.0.0.2", 60))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::Full(_)), "{err}");
+    }
+    assert_eq!(reg.table_roles().await, 1);
+    // Emptied roles leave the table too (their index stays in the published view).
+    reg.delete(key("app", "a1")).await.unwrap();
+    assert_eq!(reg.table_roles().await, 0);
+    assert_eq!(
+        reg.role(Label::parse("app").unwrap()).await.unwrap().index,
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reads_see_renewals_and_sessions_without_a_publish() {
+    let (reg, rec, _t) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let node = reg.node(&key("app", "a1")).unwrap().unwrap();
+    assert_eq!(node.expires_in, Duration::from_secs(6));
+    assert_eq!(node.age, Duration::from_secs(4));
+    assert!(reg.renew(key("app", "a1")).await.unwrap());
+    let (id, _) = reg.session_open(key("app", "a1")).await.unwrap().unwrap();
+    let node = reg.node(&key("app", "a1")).unwrap().unwrap();
+    assert_eq!(node.expires_in, Duration::from_secs(10));
+    assert!(node.session);
+    assert_eq!(rec.count(), 1, "renewals and sessions publish nothing");
+    assert!(reg.node(&key("app", "zz")).unwrap().is_none());
+    reg.session_close(key("app", "a1"), id);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(reg.node(&key("app", "a1")).unwrap().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_blocking_query_holds_no_copy_and_wakes_only_for_its_role() {
+    let (reg, _rec, _t) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 600))
+        .await
+        .unwrap();
+    let app = Label::parse("app").unwrap();
+    let (view, snap) = reg
+        .role_snapshot_after(&app, 0, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let first = snap.unwrap();
+    drop(view);
+    let waiter = tokio::spawn({
+        let reg = reg.clone();
+        let app = app.clone();
+        async move {
+            reg.role_snapshot_after(&app, 1, Duration::from_secs(60))
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Readers share the one published snapshot: the table and the current view hold it, this
+    // test holds it, and the waiter holds none while it waits.
+    assert_eq!(Arc::strong_count(&first), 3);
+    for i in 0..50 {
+        reg.put(key("other", &format!("o{i}")), spec("10.0.0.5", 600))
+            .await
+            .unwrap();
+    }
+    assert!(!waiter.is_finished());
+    reg.put(key("app", "a2"), spec("10.0.0.2", 600))
+        .await
+        .unwrap();
+    let (view, snap) = waiter.await.unwrap();
+    let snap = snap.unwrap();
+    assert_eq!(snap.index, view.roles[&app].index);
+    assert_eq!(snap.nodes.len(), 2);
+}
+
+#[tokio::test]
+async fn blocking_queries_answer_when_the_registry_stops() {
+    let (reg, _rec, token) = start(Limits::default());
+    reg.put(key("app", "a1"), spec("10.0.0.1", 600))
+        .await
+        .unwrap();
+    let waiter = tokio::spawn({
+        let reg = reg.clone();
+        async move {
+            reg.role_snapshot_after(&Label::parse("app").unwrap(), 1, Duration::from_secs(60))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    token.cancel();
+    let r = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.err(), Some(RegistryError::Closed));
 }

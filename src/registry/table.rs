@@ -1,0 +1,201 @@
+//! The registry's state as a plain table: roles → nodes, each role's index, the dirty set, and
+//! publication. No clock and no IO: the owner decides what changes and when; the table keeps
+//! the books and publishes (to the DNS builder, then to readers as a new [`View`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Label, LeaseCell, NodeKey, NodeSpec, Publish, PublishedNode, RoleSnapshot, RoleView, View,
+};
+
+/// One registration in the table. The owner's own bookkeeping (deadline, session) lives here
+/// too, as plain data.
+pub(super) struct Entry {
+    pub spec: Arc<NodeSpec>,
+    pub registered: Instant,
+    pub deadline: Instant,
+    pub session: Option<u64>,
+    /// Shared with readers: the deadline and session flag as they move.
+    pub cell: Arc<LeaseCell>,
+}
+
+#[derive(Default)]
+struct RoleEntry {
+    nodes: BTreeMap<Label, Entry>,
+}
+
+pub(super) struct Table {
+    roles: BTreeMap<Label, RoleEntry>,
+    total: usize,
+    index: u64,
+    /// Roles whose visible set changed since the last flush.
+    dirty: BTreeSet<Label>,
+    /// The last published snapshot of every role ever seen (emptied roles keep their index).
+    published: BTreeMap<Label, Arc<RoleSnapshot>>,
+    publisher: Box<dyn Publish>,
+    view: Arc<ArcSwap<View>>,
+    index_tx: watch::Sender<u64>,
+    /// The instant lease cells count from.
+    pub epoch: Instant,
+}
+
+impl Table {
+    pub fn new(
+        publisher: Box<dyn Publish>,
+        initial_index: u64,
+    ) -> (Table, Arc<ArcSwap<View>>, watch::Receiver<u64>) {
+        let epoch = Instant::now();
+        let view = Arc::new(ArcSwap::from_pointee(View {
+            index: initial_index,
+            roles: BTreeMap::new(),
+            total: 0,
+            epoch,
+        }));
+        let (index_tx, index_rx) = watch::channel(initial_index);
+        let table = Table {
+            roles: BTreeMap::new(),
+            total: 0,
+            index: initial_index,
+            dirty: BTreeSet::new(),
+            published: BTreeMap::new(),
+            publisher,
+            view: view.clone(),
+            index_tx,
+            epoch,
+        };
+        (table, view, index_rx)
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn role_len(&self, role: &Label) -> usize {
+        self.roles.get(role).map_or(0, |r| r.nodes.len())
+    }
+
+    pub fn get(&self, key: &NodeKey) -> Option<&Entry> {
+        self.roles.get(&key.role)?.nodes.get(&key.node)
+    }
+
+    pub fn get_mut(&mut self, key: &NodeKey) -> Option<&mut Entry> {
+        self.roles.get_mut(&key.role)?.nodes.get_mut(&key.node)
+    }
+
+    /// Inserts or replaces a node; `visible` marks its role for the next flush.
+    pub fn insert(&mut self, key: &NodeKey, entry: Entry, visible: bool) -> Option<Entry> {
+        let old = self
+            .roles
+            .entry(key.role.clone())
+            .or_default()
+            .nodes
+            .insert(key.node.clone(), entry);
+        if old.is_none() {
+            self.total += 1;
+        }
+        if visible || old.is_none() {
+            self.dirty.insert(key.role.clone());
+        }
+        old
+    }
+
+    pub fn remove(&mut self, key: &NodeKey) -> Option<Entry> {
+        let role = self.roles.get_mut(&key.role)?;
+        let old = role.nodes.remove(&key.node)?;
+        if role.nodes.is_empty() {
+            self.roles.remove(&key.role);
+        }
+        self.total -= 1;
+        self.dirty.insert(key.role.clone());
+        Some(old)
+    }
+
+    /// Every registration, for a journal rewrite.
+    pub fn iter(&self) -> impl Iterator<Item = (&Label, &Label, &Entry)> + '_ {
+        self.roles
+            .iter()
+            .flat_map(|(role, r)| r.nodes.iter().map(move |(node, e)| (role, node, e)))
+    }
+
+    /// Roles in the table (each holds at least one node).
+    #[cfg(test)]
+    pub fn role_entries(&self) -> usize {
+        self.roles.len()
+    }
+
+    /// Publishes the roles that changed since the last flush: a new index, the DNS builder,
+    /// then a new view for readers, then the index watch. Returns whether anything changed.
+    pub fn flush(&mut self) -> bool {
+        if self.dirty.is_empty() {
+            return false;
+        }
+        self.index += 1;
+        let dirty = std::mem::take(&mut self.dirty);
+        let views: Vec<RoleView<'_>> = dirty
+            .iter()
+            .map(|role| RoleView {
+                role,
+                nodes: self
+                    .roles
+                    .get(role)
+                    .map(|r| r.nodes.iter().map(|(n, e)| (n, &*e.spec)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        self.publisher.publish(self.index, &views);
+        drop(views);
+
+        let mut superseded = Vec::with_capacity(dirty.len());
+        for role in dirty {
+            let nodes = self
+                .roles
+                .get(&role)
+                .map(|r| {
+                    r.nodes
+                        .iter()
+                        .map(|(n, e)| PublishedNode {
+                            node: n.clone(),
+                            spec: e.spec.clone(),
+                            registered: e.registered,
+                            lease: e.cell.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let snap = Arc::new(RoleSnapshot {
+                role: role.clone(),
+                index: self.index,
+                nodes,
+                superseded: CancellationToken::new(),
+            });
+            if let Some(old) = self.published.insert(role, snap) {
+                superseded.push(old);
+            }
+        }
+        self.view.store(Arc::new(View {
+            index: self.index,
+            roles: self.published.clone(),
+            total: self.total,
+            epoch: self.epoch,
+        }));
+        // Waiters are woken only once the new view is in place.
+        for old in superseded {
+            old.superseded.cancel();
+        }
+        self.index_tx.send_replace(self.index);
+        true
+    }
+
+    /// Wakes every blocking query (the owner is gone: they answer 503).
+    pub fn close(&self) {
+        for snap in self.published.values() {
+            snap.superseded.cancel();
+        }
+    }
+}
