@@ -56,7 +56,29 @@ impl ServeProc {
         zones: &Path,
         args: &[&str],
     ) -> ServeProc {
+        Self::start_full(dns, http, data_dir, zones, args, &[])
+    }
+
+    /// Like [`ServeProc::start`], with extra environment variables.
+    pub fn start_env(
+        data_dir: &Path,
+        zones: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServeProc {
+        Self::start_full("127.0.0.1:0", "127.0.0.1:0", data_dir, zones, args, env)
+    }
+
+    pub fn start_full(
+        dns: &str,
+        http: &str,
+        data_dir: &Path,
+        zones: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ServeProc {
         let mut child = Command::new(rollcall_bin())
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--dns-listen",
