@@ -284,6 +284,26 @@ pub struct ServeArgs {
     /// Most nodes in one role.
     #[arg(long, env = "ROLLCALL_MAX_NODES_PER_ROLE", default_value_t = 20_000)]
     pub max_nodes_per_role: usize,
+
+    /// Blocking queries one client address may have in progress; more get HTTP 503.
+    #[arg(long, env = "ROLLCALL_MAX_WAITS_PER_CLIENT", default_value_t = crate::api::MAX_WAITERS_PER_CLIENT)]
+    pub max_waits_per_client: usize,
+
+    /// Also accept this name in the HTTP `Host` header (repeatable). Always accepted: IP
+    /// addresses, single-label names (localhost, a compose service) and names in --zone; any
+    /// other name is refused, so that a web page cannot reach the API by DNS rebinding.
+    #[arg(
+        long = "allow-host",
+        env = "ROLLCALL_ALLOW_HOST",
+        value_delimiter = ','
+    )]
+    pub allow_host: Vec<String>,
+
+    /// Accept registrations of any address. Without it, unspecified, multicast, broadcast and
+    /// link-local addresses (169.254.169.254, the cloud metadata service, is one) are refused,
+    /// and loopback addresses are accepted only from a peer on this host.
+    #[arg(long, env = "ROLLCALL_ALLOW_ANY_ADDR")]
+    pub allow_any_addr: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -30,6 +30,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Longest blocking query.
     pub max_wait: std::time::Duration,
+    /// Blocking queries per client address.
+    pub max_waits_per_client: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +148,7 @@ impl ServeConfig {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let zone_host = zone_host(&zone);
         Ok(ServeConfig {
             dns_listen: parse_addr("dns-listen", &a.dns_listen)?,
             http_listen: parse_addr("http-listen", &a.http_listen)?,
@@ -160,7 +163,16 @@ impl ServeConfig {
                 token: token.map(Arc::from),
                 token_reads: a.token_reads,
                 allow_register,
+                allow_hosts: a
+                    .allow_host
+                    .iter()
+                    .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+                    .filter(|h| !h.is_empty())
+                    .collect(),
+                zone: zone_host.clone(),
+                any_addr: a.allow_any_addr,
             },
+            max_waits_per_client: a.max_waits_per_client.max(1),
             allow_query,
             max_wait,
             limits: Limits {
@@ -182,10 +194,19 @@ impl ServeConfig {
             negative_ttl: 1,
             ns_name: Name::from_ascii("ns.cluster.").unwrap(),
             dns_threads: 1,
-            access: Access::default(),
+            access: Access {
+                zone: "cluster".into(),
+                ..Access::default()
+            },
             allow_query: Vec::new(),
             limits: Limits::default(),
             max_wait: crate::api::MAX_WAIT,
+            max_waits_per_client: crate::api::MAX_WAITERS_PER_CLIENT,
         }
     }
+}
+
+/// The zone as a host name: lower case, without the final dot.
+fn zone_host(zone: &Name) -> String {
+    zone.to_ascii().trim_end_matches('.').to_ascii_lowercase()
 }

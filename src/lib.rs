@@ -19,6 +19,7 @@ pub mod fuzz;
 pub mod hipache;
 pub mod journal;
 pub mod metrics;
+pub mod net;
 pub mod registry;
 pub mod server;
 pub mod shutdown;

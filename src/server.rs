@@ -111,6 +111,9 @@ fn bind_dns(
 /// Starts everything; returns once every socket is bound and the first snapshot is published.
 pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let shutdown = CancellationToken::new();
+    if let Some(n) = crate::net::raise_fd_limit() {
+        tracing::debug!(limit = n, "open files limit");
+    }
     let statics = dns::zones::load_dir(&config.zones_dir)?;
     for z in &statics {
         tracing::info!(zone = %z.origin, file = %z.path.display(), records = z.record_count, "loaded zone file");
@@ -189,7 +192,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
 
     let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone())
         .with_dns_stats(dns_stats)
-        .with_max_wait(config.max_wait);
+        .with_max_wait(config.max_wait)
+        .with_max_waiters_per_client(config.max_waits_per_client);
     let http_task = tokio::spawn(api::serve::serve(
         http,
         api::router(state),

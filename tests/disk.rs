@@ -28,7 +28,13 @@ impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir.path())
             .output()
             .expect("running mount");
@@ -54,7 +60,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -162,7 +171,10 @@ fn a_full_disk_loses_no_acknowledged_write_and_the_server_restarts_on_it() {
     }
     assert!(refused >= 5, "the disk never filled up");
     let acked = fates.values().filter(|f| **f == Fate::Registered).count();
-    assert!(acked >= 5, "too few registrations before the disk filled: {acked}");
+    assert!(
+        acked >= 5,
+        "too few registrations before the disk filled: {acked}"
+    );
 
     // While full: small requests fail too (nothing is acknowledged until a rewrite succeeds),
     // renewals included; a DELETE is never answered 204 without being stored.
@@ -220,7 +232,9 @@ fn a_full_disk_loses_no_acknowledged_write_and_the_server_restarts_on_it() {
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     drop(server);
-    let log_size = std::fs::metadata(data.join("registrations.log")).unwrap().len();
+    let log_size = std::fs::metadata(data.join("registrations.log"))
+        .unwrap()
+        .len();
     let filler = fs.fill(log_size / 4);
     assert!(free_bytes(fs.path()) < log_size);
     let server = ServeProc::start(&data, zones.path(), &[]);
@@ -232,7 +246,11 @@ fn a_full_disk_loses_no_acknowledged_write_and_the_server_restarts_on_it() {
     );
     // And it keeps working on that disk once there is room for appends.
     std::fs::remove_file(&filler).unwrap();
-    assert!(eventually(Duration::from_secs(5), || put(&server.api(), "late", 100) == 200));
+    assert!(eventually(Duration::from_secs(5), || put(
+        &server.api(),
+        "late",
+        100
+    ) == 200));
 }
 
 fn build_shim(dir: &Path) -> PathBuf {
@@ -268,7 +286,11 @@ int fsync(int fd) {
         .arg("-ldl")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     so
 }
 

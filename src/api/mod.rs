@@ -43,8 +43,17 @@ pub struct Access {
     /// Bearer token required for writes (and reads with `token_reads`).
     pub token: Option<Arc<str>>,
     pub token_reads: bool,
-    /// When non-empty, both the peer and the registered address must be inside one of these.
+    /// When non-empty, the peer must be inside one of these to register, deregister or open a
+    /// session, and so must the registered address.
     pub allow_register: Vec<IpNet>,
+    /// Host names (lower case, no port) accepted in the `Host` header besides IP literals,
+    /// single-label names and names in `zone` (`--allow-host`).
+    pub allow_hosts: Vec<String>,
+    /// The served zone, lower case without the final dot ("" accepts no zone names).
+    pub zone: String,
+    /// Accept any registered address, loopback from remote peers, link-local and metadata
+    /// addresses included (`--allow-any-addr`).
+    pub any_addr: bool,
 }
 
 #[derive(Clone)]
@@ -60,12 +69,25 @@ pub struct AppState {
     pub api_metrics: Arc<crate::metrics::ApiMetrics>,
     /// Longest blocking query (`--max-wait`).
     pub max_wait: Duration,
+    /// Blocking queries in progress per client address.
+    pub waiters_by_peer: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    pub max_waiters_per_client: usize,
+    /// The live session of each node: opening a new one ends the old one.
+    pub live_sessions: Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<NodeKey, (u64, tokio_util::sync::CancellationToken)>,
+        >,
+    >,
 }
 
 /// Blocking queries in progress at most; more get 503.
 pub const MAX_WAITERS: usize = 10_000;
 /// Open sessions at most; more get 503 (agents fall back to PUT renewals).
 pub const MAX_SESSIONS: usize = 50_000;
+/// Blocking queries in progress per client address, by default (`--max-waits-per-client`).
+pub const MAX_WAITERS_PER_CLIENT: usize = 256;
+/// Time a client has to send a request's body once its headers arrived.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl AppState {
     pub fn new(
@@ -82,7 +104,41 @@ impl AppState {
             dns_stats: Arc::default(),
             api_metrics: Arc::default(),
             max_wait: MAX_WAIT,
+            waiters_by_peer: Arc::default(),
+            max_waiters_per_client: MAX_WAITERS_PER_CLIENT,
+            live_sessions: Arc::default(),
         }
+    }
+
+    /// Caps blocking queries per client address.
+    pub fn with_max_waiters_per_client(mut self, n: usize) -> AppState {
+        self.max_waiters_per_client = n;
+        self
+    }
+
+    /// A permit for one blocking query of `peer`: the global cap and the per-client cap.
+    fn waiter(&self, peer: IpAddr) -> Result<Waiter, ApiError> {
+        let global = permit(&self.waiters, "blocking queries", MAX_WAITERS)?;
+        let mut by_peer = self
+            .waiters_by_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = by_peer.entry(peer).or_insert(0);
+        if *n >= self.max_waiters_per_client {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "too many blocking queries from {peer} in progress (limit {} per client, --max-waits-per-client): retry later",
+                    self.max_waiters_per_client
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(Waiter {
+            _global: global,
+            peer,
+            by_peer: self.waiters_by_peer.clone(),
+        })
     }
 
     /// Caps blocking queries at `max_wait` (and their default wait with it).
@@ -95,6 +151,25 @@ impl AppState {
     pub fn with_dns_stats(mut self, stats: Arc<crate::metrics::DnsStats>) -> AppState {
         self.dns_stats = stats;
         self
+    }
+}
+
+/// One blocking query's place under both caps; released on drop.
+struct Waiter {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    peer: IpAddr,
+    by_peer: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut by_peer = self.by_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -186,6 +261,8 @@ pub fn router(state: AppState) -> Router {
             ApiError::not_found("no such endpoint: see the HTTP API section of the README")
         })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn(body_deadline))
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -225,6 +302,110 @@ async fn json_errors(req: axum::extract::Request, next: Next) -> Response {
     out
 }
 
+/// Reads a request's body within [`BODY_TIMEOUT`] (a slow body holds a connection for free
+/// otherwise); handlers then get it whole.
+async fn body_deadline(req: axum::extract::Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, BODY_LIMIT + 1)).await {
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response(),
+        Ok(Err(_)) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {} KiB", BODY_LIMIT / 1024),
+        )
+        .into_response(),
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+    }
+}
+
+/// The `Host` header must name this server the way a client of it would: an IP literal, a
+/// single-label name (`localhost`, a compose service name), a name in the served zone, or one
+/// of `--allow-host`. A page of another site that rebinds its own name to our address (DNS
+/// rebinding) sends that site's name, which has at least two labels, and is refused.
+async fn check_host(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if let Some(host) = req.headers().get(axum::http::header::HOST) {
+        if !host_allowed(&state.access, host.as_bytes()) {
+            let shown = String::from_utf8_lossy(host.as_bytes()).into_owned();
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Host {shown:?} is not a name of this server: use its address, or start it with --allow-host NAME (DNS rebinding protection)"
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+pub(crate) fn host_allowed(access: &Access, host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let host = host.trim().to_ascii_lowercase();
+    // [v6]:port, v6 alone is not valid in Host; name:port or v4:port.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        return rest
+            .split_once(']')
+            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h)
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let hostname = |n: &str| {
+        !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    };
+    if !hostname(name) {
+        return false;
+    }
+    if !name.contains('.') {
+        return true;
+    }
+    let zone = access.zone.as_str();
+    if !zone.is_empty() && (name == zone || name.ends_with(&format!(".{zone}"))) {
+        return true;
+    }
+    access.allow_hosts.iter().any(|h| h == name)
+}
+
+/// Methods counted by name in the metrics; any other is counted as `OTHER`.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
 /// Counts every request by method, matched route and status, with its latency.
 async fn record(
     State(state): State<AppState>,
@@ -240,7 +421,7 @@ async fn record(
         .to_owned();
     let resp = next.run(req).await;
     state.api_metrics.record(
-        method.as_str(),
+        method_label(&method),
         &route,
         resp.status().as_u16(),
         started.elapsed(),
@@ -298,7 +479,7 @@ fn parse_role(role: &str) -> Result<Label, ApiError> {
 }
 
 /// The peer's address, with IPv4-mapped IPv6 addresses turned back into IPv4.
-fn peer_ip(peer: SocketAddr) -> IpAddr {
+pub(crate) fn peer_ip(peer: SocketAddr) -> IpAddr {
     match peer.ip() {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -308,8 +489,58 @@ fn peer_ip(peer: SocketAddr) -> IpAddr {
     }
 }
 
+/// Checks `--allow-register` for a peer that deregisters or opens a session.
+pub(crate) fn check_peer(access: &Access, peer: IpAddr) -> Result<(), ApiError> {
+    if access.allow_register.is_empty() || access.allow_register.iter().any(|n| n.contains(&peer)) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "your address {peer} is outside the networks allowed to register (--allow-register)"
+        ),
+    ))
+}
+
+/// Why an address may not be registered (without `--allow-any-addr`): nobody could reach a
+/// service there, or it is a well-known target (the cloud metadata service is link-local).
+fn special_addr(peer: IpAddr, addr: IpAddr) -> Option<&'static str> {
+    let v4 = match addr {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    };
+    if addr.is_unspecified() {
+        return Some("unspecified");
+    }
+    if addr.is_multicast() || v4.is_some_and(|v| v.is_broadcast()) {
+        return Some("a multicast or broadcast address");
+    }
+    let link_local = match (v4, addr) {
+        (Some(v4), _) => v4.is_link_local(),
+        (None, IpAddr::V6(v6)) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        _ => false,
+    };
+    if link_local {
+        return Some("link-local (169.254.0.0/16, fe80::/10: the metadata service lives there)");
+    }
+    if (addr.is_loopback() || v4.is_some_and(|v| v.is_loopback())) && !peer.is_loopback() {
+        return Some(
+            "loopback, registered from another host (only a node on this host can register one)",
+        );
+    }
+    None
+}
+
 /// Checks `--allow-register` for the peer and the address being registered.
 fn check_allowed(access: &Access, peer: IpAddr, addr: IpAddr) -> Result<(), ApiError> {
+    if !access.any_addr {
+        if let Some(why) = special_addr(peer, addr) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("address {addr} cannot be registered: it is {why}; start the server with --allow-any-addr to accept it"),
+            ));
+        }
+    }
     if access.allow_register.is_empty() {
         return Ok(());
     }
@@ -446,9 +677,11 @@ async fn node_put(
     ))]
 async fn node_delete(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((role, node)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let key = parse_key(&role, &node)?;
+    check_peer(&state.access, peer_ip(peer))?;
     if state.registry.delete(key).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -492,12 +725,13 @@ async fn node_get(
     ))]
 async fn roles_list(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<BlockingParams>,
 ) -> Result<Response, ApiError> {
     let (index, roles) = match params.blocking(state.max_wait)? {
         None => state.registry.roles().await?,
         Some((index, wait)) => {
-            let _permit = permit(&state.waiters, "blocking queries", MAX_WAITERS)?;
+            let _permit = state.waiter(peer_ip(peer))?;
             state.registry.roles_after(index, wait).await?
         }
     };
@@ -546,6 +780,7 @@ impl BlockingParams {
     ))]
 async fn role_get(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(role): Path<String>,
     Query(params): Query<BlockingParams>,
 ) -> Result<Response, ApiError> {
@@ -557,7 +792,7 @@ async fn role_get(
             (view, snap)
         }
         Some((index, wait)) => {
-            let _permit = permit(&state.waiters, "blocking queries", MAX_WAITERS)?;
+            let _permit = state.waiter(peer_ip(peer))?;
             state
                 .registry
                 .role_snapshot_after(&role, index, wait)

@@ -301,3 +301,169 @@ fn wait_durations() {
     );
     assert_eq!(parse_wait("99999m").unwrap(), MAX_WAIT);
 }
+
+#[tokio::test]
+async fn allow_register_covers_delete_and_sessions() {
+    let (app, registry) = app();
+    let (status, _) = call(&app, "PUT", "/v1/roles/app/nodes/n1", "{}", None).await;
+    assert_eq!(status, StatusCode::OK);
+    // The same registry behind a router that only lets 172.16.0.0/12 write.
+    let state = AppState::new(
+        registry.clone(),
+        Access {
+            allow_register: vec!["172.16.0.0/12".parse().unwrap()],
+            ..Access::default()
+        },
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let peer: SocketAddr = "10.1.2.3:40000".parse().unwrap();
+    let strict = router(state).layer(MockConnectInfo(peer));
+    let (status, body) = call(&strict, "DELETE", "/v1/roles/app/nodes/n1", "", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("--allow-register"));
+    let (status, _) = call(&strict, "GET", "/v1/roles/app/nodes/n1/session", "", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        registry.roles().await.unwrap().1.len(),
+        1,
+        "nothing was removed"
+    );
+}
+
+#[tokio::test]
+async fn special_addresses_are_refused_unless_allowed() {
+    let (app, registry) = app();
+    for addr in [
+        "169.254.169.254",
+        "fe80::1",
+        "127.0.0.1",
+        "::1",
+        "::ffff:169.254.169.254",
+    ] {
+        let (status, body) = call(
+            &app,
+            "PUT",
+            "/v1/roles/app/nodes/n1",
+            format!(r#"{{"addr":"{addr}"}}"#),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{addr}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("--allow-any-addr"),
+            "{body}"
+        );
+    }
+    assert_eq!(registry.index(), 0);
+    let (app, _) = app_with(Access {
+        any_addr: true,
+        ..Access::default()
+    });
+    let (status, body) = call(
+        &app,
+        "PUT",
+        "/v1/roles/app/nodes/n1",
+        r#"{"addr":"169.254.169.254"}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn blocking_queries_are_capped_per_client() {
+    let token = tokio_util::sync::CancellationToken::new();
+    let (registry, _) = Registry::start(
+        Box::new(MemoryJournal),
+        Loaded::default(),
+        Box::new(NoDns),
+        Limits::default(),
+        token.clone(),
+    );
+    let state = AppState::new(registry, Access::default(), token).with_max_waiters_per_client(2);
+    let peer: SocketAddr = "10.1.2.3:40000".parse().unwrap();
+    let app = router(state).layer(MockConnectInfo(peer));
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let app = app.clone();
+        waiting.push(tokio::spawn(async move {
+            call(&app, "GET", "/v1/roles/app?index=0&wait=30s", "", None).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, body) = call(&app, "GET", "/v1/roles/app?index=0&wait=30s", "", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("per client"),
+        "{body}"
+    );
+    // A plain read is not a blocking query.
+    let (status, _) = call(&app, "GET", "/v1/roles/app", "", None).await;
+    assert_eq!(status, StatusCode::OK);
+    for w in waiting {
+        w.abort();
+    }
+}
+
+#[tokio::test]
+async fn made_up_methods_do_not_make_new_metric_series() {
+    let (app, _) = app();
+    for i in 0..50 {
+        call(&app, &format!("FOO{i}"), "/v1/roles", "", None).await;
+    }
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(!text.contains("FOO"), "a series per made-up method");
+    assert!(
+        text.contains("method=\"OTHER\""),
+        "{}",
+        &text[..text.len().min(2000)]
+    );
+}
+
+#[test]
+fn host_names_accepted() {
+    let access = Access {
+        zone: "cluster".into(),
+        allow_hosts: vec!["api.example.com".into()],
+        ..Access::default()
+    };
+    for ok in [
+        "127.0.0.1:8053",
+        "localhost",
+        "dns",
+        "[::1]:80",
+        "ns.cluster",
+        "cluster",
+        "API.example.com:443",
+        "rollcall.",
+    ] {
+        assert!(host_allowed(&access, ok.as_bytes()), "{ok}");
+    }
+    for bad in [
+        "example.com",
+        "evil.cluster.example",
+        "[nope]",
+        "a.b",
+        "\u{7f}",
+    ] {
+        assert!(!host_allowed(&access, bad.as_bytes()), "{bad}");
+    }
+}

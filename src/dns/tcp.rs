@@ -1,5 +1,10 @@
 //! DNS over TCP: one tokio task per connection, messages answered in order, an idle timeout and
 //! a cap on concurrent connections. Same query path as UDP, without a size limit below 64 KiB.
+//!
+//! Nobody holds a slot for free: reads and writes each have a deadline (a client that never
+//! reads its answers loses its slot), the idle timeout drops to 1 s once three quarters of the
+//! slots are taken (NSD does the same), a zero-length message ends the connection, and clients
+//! outside `--allow-query` get REFUSED like over UDP.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +20,10 @@ use super::wire::{answer, Outcome, Transport};
 use crate::metrics::DnsStats;
 
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle timeout once three quarters of the slots are taken.
+pub const BUSY_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time a client has to take an answer off our hands.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 1024;
 
 pub async fn serve(
@@ -25,22 +34,20 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::net::AcceptBackoff::new("dns tcp");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(error = %e, "dns tcp accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
-        if !allow.is_empty() && !super::udp::allowed(&allow, peer.ip()) {
-            tracing::debug!(%peer, "dns tcp client outside --allow-query, closing");
-            continue;
-        }
+        backoff.ok();
+        let refused = !allow.is_empty() && !super::udp::allowed(&allow, peer.ip());
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "too many dns tcp connections, closing");
             continue;
@@ -48,10 +55,11 @@ pub async fn serve(
         let snapshots = snapshots.clone();
         let shutdown = shutdown.clone();
         let stats = stats.clone();
+        let permits = permits.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = connection(stream, &snapshots, &stats) => {}
+                _ = connection(stream, &snapshots, &stats, &permits, refused) => {}
             }
             drop(permit);
         });
@@ -62,6 +70,8 @@ async fn connection(
     mut stream: TcpStream,
     snapshots: &ArcSwap<Snapshot>,
     stats: &DnsStats,
+    permits: &Semaphore,
+    refused: bool,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; 512];
@@ -69,9 +79,14 @@ async fn connection(
     let mut framed = Vec::with_capacity(4096 + 2);
     let mut rotation = rand::random::<u32>();
     loop {
-        let len = match tokio::time::timeout(IDLE_TIMEOUT, stream.read_u16()).await {
+        let idle = if permits.available_permits() < MAX_CONNECTIONS / 4 {
+            BUSY_IDLE_TIMEOUT
+        } else {
+            IDLE_TIMEOUT
+        };
+        let len = match tokio::time::timeout(idle, stream.read_u16()).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Ok(()),
             Ok(Ok(len)) => usize::from(len),
-            _ => return Ok(()),
         };
         if buf.len() < len {
             buf.resize(len, 0);
@@ -79,13 +94,17 @@ async fn connection(
         tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut buf[..len]))
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
-        let outcome = answer(
-            &snapshots.load(),
-            &buf[..len],
-            &mut out,
-            Transport::Tcp,
-            &mut rotation,
-        );
+        let outcome = if refused {
+            super::wire::refuse(&buf[..len], &mut out)
+        } else {
+            answer(
+                &snapshots.load(),
+                &buf[..len],
+                &mut out,
+                Transport::Tcp,
+                &mut rotation,
+            )
+        };
         if let Outcome::Answered {
             rcode,
             truncated,
@@ -96,7 +115,9 @@ async fn connection(
             framed.clear();
             framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
             framed.extend_from_slice(&out);
-            stream.write_all(&framed).await?;
+            tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&framed))
+                .await
+                .map_err(|_| std::io::ErrorKind::TimedOut)??;
         }
     }
 }

@@ -397,6 +397,11 @@ fn from_template(
     if bytes.len() < question.end
         || bytes.len() + extra > limit && t.answer_end as usize + extra > limit
     {
+        if limit == usize::from(u16::MAX) && t.fixed_rr > 0 && bytes.len() >= question.end {
+            // Over TCP there is nowhere to retry: the largest answer that fits, taken from the
+            // rotation, so that every node still comes first in turn.
+            return largest_that_fits(q, question, t, shift, out, limit - extra, opt);
+        }
         // The answers do not fit: header and question only, TC set. The client retries over TCP.
         write_header(q, out, RCODE_NOERROR, true, [1, 0, 0, 0]);
         out.extend_from_slice(&q[12..question.end]);
@@ -430,6 +435,34 @@ fn from_template(
     out[3] = RCODE_NOERROR;
     out[10..12].copy_from_slice(&(additionals as u16).to_be_bytes());
     out[12..question.end].copy_from_slice(&q[12..question.end]);
+    finish(out, question, RCODE_NOERROR, false, opt)
+}
+
+/// As many of a fixed-size RRset's records as fit in `room` bytes, starting at record `shift`.
+fn largest_that_fits(
+    q: &[u8],
+    question: &Question,
+    t: &Template,
+    shift: usize,
+    out: &mut Vec<u8>,
+    room: usize,
+    opt: bool,
+) -> Outcome {
+    let rr = usize::from(t.fixed_rr);
+    let first = question.end;
+    let total = (t.answer_end as usize).saturating_sub(first) / rr;
+    let n = (room.saturating_sub(first) / rr).min(total);
+    out.extend_from_slice(&t.bytes[..first]);
+    for i in 0..n {
+        let j = (shift + i) % total.max(1);
+        out.extend_from_slice(&t.bytes[first + j * rr..first + (j + 1) * rr]);
+    }
+    out[..2].copy_from_slice(&q[..2]);
+    out[2] = 0x84 | (q[2] & 0x01);
+    out[3] = RCODE_NOERROR;
+    out[6..8].copy_from_slice(&(n as u16).to_be_bytes());
+    out[8..12].copy_from_slice(&[0, 0, 0, 0]);
+    out[12..first].copy_from_slice(&q[12..first]);
     finish(out, question, RCODE_NOERROR, false, opt)
 }
 

@@ -1,0 +1,297 @@
+//! What the red team (2026-12) did to the server's sockets, and what it gets now: connections
+//! that cost nothing to hold are closed, DNS over TCP cannot be locked out, big roles stay
+//! resolvable over TCP, browsers cannot reach the API from another site. In-process server on
+//! port 0, real sockets.
+
+#[path = "util/mod.rs"]
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+use rollcall::config::ServeConfig;
+use rollcall::registry::{Label, NodeKey, NodeSpec};
+use rollcall::server::start;
+use util::*;
+
+/// Reads until EOF (or error); returns what was read and how long it took.
+fn read_to_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("still open after {limit:?} ({} bytes read)", got.len())
+            }
+            Err(_) => break,
+        }
+    }
+    (got, t0.elapsed())
+}
+
+/// Sends `request`; returns what came back within 2 s (or until the server closed).
+fn http_raw(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_slow_and_http2_connections_are_closed() {
+    let running = start(ServeConfig::for_tests()).await.unwrap();
+    let addr = running.http_addr;
+    let silent = std::thread::spawn(move || {
+        // Never sends a byte: closed by the header timeout (10 s), not held forever.
+        let mut s = TcpStream::connect(addr).unwrap();
+        read_to_close(&mut s, Duration::from_secs(15)).1
+    });
+    let slow = std::thread::spawn(move || {
+        // Headers, then a body that never comes: 408 within the body timeout.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"PUT /v1/roles/app/nodes/n1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"ttl\":").unwrap();
+        let (got, took) = read_to_close(&mut s, Duration::from_secs(15));
+        (String::from_utf8_lossy(&got).into_owned(), took)
+    });
+    let idle = std::thread::spawn(move || {
+        // A keep-alive connection left idle after one request.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        read_to_close(&mut s, Duration::from_secs(15)).1
+    });
+    // HTTP/2 with prior knowledge is not spoken at all.
+    let h2 = http_raw(addr, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    assert!(!h2.contains("\0\0"), "an HTTP/2 SETTINGS frame came back");
+
+    let took = silent.join().unwrap();
+    assert!(
+        took <= Duration::from_secs(12),
+        "silent connection held {took:?}"
+    );
+    let (resp, took) = slow.join().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(took <= Duration::from_secs(12), "slow body held {took:?}");
+    let took = idle.join().unwrap();
+    assert!(
+        took <= Duration::from_secs(12),
+        "idle keep-alive held {took:?}"
+    );
+    // Nothing was registered by the slow body.
+    assert_eq!(running.registry.roles().await.unwrap().1.len(), 0);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_origin_checks_stop_rebinding_and_cross_site_sessions() {
+    let running = start(ServeConfig::for_tests()).await.unwrap();
+    let addr = running.http_addr;
+    let get = |host: &str| {
+        http_raw(
+            addr,
+            &format!("GET /v1/roles HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    for ok in [
+        "127.0.0.1",
+        &addr.to_string(),
+        "localhost:8053",
+        "dns:8053",
+        "rollcall.cluster",
+        "[::1]:8053",
+    ] {
+        let r = get(ok);
+        assert!(r.starts_with("HTTP/1.1 200"), "Host {ok}: {r}");
+    }
+    for bad in [
+        "attacker.example.com",
+        "rebind.attacker.example:8053",
+        "cluster.example",
+    ] {
+        let r = get(bad);
+        assert!(r.starts_with("HTTP/1.1 403"), "Host {bad}: {r}");
+        assert!(r.contains("--allow-host"), "{r}");
+    }
+
+    // A session opened from another site's page is refused, before the upgrade.
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("http://{addr}/v1/roles/app/nodes/n1"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let upgrade = |origin: &str| {
+        http_raw(
+            addr,
+            &format!(
+                "GET /v1/roles/app/nodes/n1/session HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ),
+        )
+    };
+    let r = upgrade("http://evil.example");
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_at_most_one_live_session() {
+    use futures_util::{SinkExt, StreamExt};
+    let running = start(ServeConfig::for_tests()).await.unwrap();
+    let addr = running.http_addr;
+    let r = reqwest::Client::new()
+        .put(format!("http://{addr}/v1/roles/app/nodes/n1"))
+        .body(r#"{"ttl":30}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let url = format!("ws://{addr}/v1/roles/app/nodes/n1/session");
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    // The first is closed by the server; the node stays, held by the second.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match first.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(m)) if m.is_close() => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the older session stayed open");
+    second
+        .send(tokio_tungstenite::tungstenite::Message::Ping(vec![].into()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let node = running
+        .registry
+        .node(&NodeKey {
+            role: Label::parse("app").unwrap(),
+            node: Label::parse("n1").unwrap(),
+        })
+        .unwrap()
+        .expect("the node stays registered");
+    assert!(node.session);
+    running.stop().await;
+}
+
+async fn fill_role(running: &rollcall::server::Running, role: &str, n: u32) {
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let reg = running.registry.clone();
+        let role = role.to_owned();
+        pending.push(tokio::spawn(async move {
+            let key = NodeKey {
+                role: Label::parse(&role).unwrap(),
+                node: Label::parse(&format!("n{i}")).unwrap(),
+            };
+            let spec = NodeSpec {
+                addr: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+                port: Some(8080),
+                service: Label::parse("http").unwrap(),
+                ttl: 600,
+                weight: 1,
+                meta: Default::default(),
+            };
+            reg.put(key, spec).await.unwrap();
+        }));
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_too_big_for_one_tcp_message_gets_the_largest_answer_that_fits() {
+    let running = start(ServeConfig::for_tests()).await.unwrap();
+    fill_role(&running, "huge", 5000).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let raw = tcp_raw(
+            running.dns_addr,
+            &query_msg("huge.cluster.", RecordType::A, None),
+        );
+        assert!(raw.len() <= 65535);
+        let m = Message::from_vec(&raw).expect("decodes");
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(!m.metadata.truncation, "TC over TCP");
+        assert!(m.answers.len() > 4000, "{} answers", m.answers.len());
+        seen.extend(m.answers.iter().map(|r| r.data.to_string()));
+    }
+    assert!(
+        seen.len() > 4100,
+        "the rotation moves: {} distinct",
+        seen.len()
+    );
+    // Over UDP it is still TC, for the client to retry over TCP.
+    let m = udp_query(running.dns_addr, "huge.cluster.", RecordType::A, Some(1232));
+    assert!(m.metadata.truncation);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clients_that_never_read_lose_their_slot() {
+    let running = start(ServeConfig::for_tests()).await.unwrap();
+    fill_role(&running, "big", 2000).await; // ~32 KB answers
+    let dns = running.dns_addr;
+    let q = query_msg("big.cluster.", RecordType::A, None);
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let pipelined = framed.repeat(200);
+    // 100 clients pipeline 200 queries each (~6 MB of answers apiece) and never read.
+    let mut hogs = Vec::new();
+    for _ in 0..100 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&dns.into()).unwrap();
+        let mut s: TcpStream = s.into();
+        s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+        let _ = s.write_all(&pipelined);
+        hogs.push(s);
+    }
+    // Other clients are answered meanwhile...
+    let m = tcp_query(dns, "cluster.", RecordType::SOA);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    // ...and each hog is dropped once it has not read for the write timeout.
+    let t0 = Instant::now();
+    let mut closed = 0;
+    for mut s in hogs {
+        let left = Duration::from_secs(25).saturating_sub(t0.elapsed());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        if t0.elapsed() < Duration::from_secs(25) {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 100, "hogs still connected after 25 s");
+    running.stop().await;
+}
