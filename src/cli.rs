@@ -299,6 +299,25 @@ pub struct ServeArgs {
     )]
     pub allow_host: Vec<String>,
 
+    /// UDP responses per second to one source prefix (/24, /56) before rate limiting starts;
+    /// 0 turns it off. Beyond it, every --rate-limit-slip-th response is sent truncated (the
+    /// resolver retries over TCP) and the others are dropped: rollcall is not an amplifier.
+    #[arg(long, env = "ROLLCALL_RATE_LIMIT", default_value_t = 200)]
+    pub rate_limit: u32,
+
+    /// Of the responses over --rate-limit, send every N-th truncated (0: drop them all).
+    #[arg(long, env = "ROLLCALL_RATE_LIMIT_SLIP", default_value_t = 2)]
+    pub rate_limit_slip: u32,
+
+    /// Sources never rate limited (repeatable; `none` for no exemption). Default: loopback.
+    #[arg(
+        long,
+        env = "ROLLCALL_RATE_LIMIT_EXEMPT",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1/128"
+    )]
+    pub rate_limit_exempt: Vec<String>,
+
     /// Accept registrations of any address. Without it, unspecified, multicast, broadcast and
     /// link-local addresses (169.254.169.254, the cloud metadata service, is one) are refused,
     /// and loopback addresses are accepted only from a peer on this host.

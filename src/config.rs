@@ -32,6 +32,8 @@ pub struct ServeConfig {
     pub max_wait: std::time::Duration,
     /// Blocking queries per client address.
     pub max_waits_per_client: usize,
+    /// UDP response rate limiting.
+    pub rate_limit: crate::dns::rrl::RateLimitConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +151,13 @@ impl ServeConfig {
             n => n,
         };
         let zone_host = zone_host(&zone);
+        let exempt: Vec<String> = a
+            .rate_limit_exempt
+            .iter()
+            .filter(|s| !s.trim().is_empty() && s.trim() != "none")
+            .cloned()
+            .collect();
+        let rate_limit_exempt = parse_nets("rate-limit-exempt", &exempt)?;
         Ok(ServeConfig {
             dns_listen: parse_addr("dns-listen", &a.dns_listen)?,
             http_listen: parse_addr("http-listen", &a.http_listen)?,
@@ -173,6 +182,11 @@ impl ServeConfig {
                 any_addr: a.allow_any_addr,
             },
             max_waits_per_client: a.max_waits_per_client.max(1),
+            rate_limit: crate::dns::rrl::RateLimitConfig {
+                limit: a.rate_limit,
+                slip: a.rate_limit_slip,
+                exempt: rate_limit_exempt,
+            },
             allow_query,
             max_wait,
             limits: Limits {
@@ -202,6 +216,7 @@ impl ServeConfig {
             limits: Limits::default(),
             max_wait: crate::api::MAX_WAIT,
             max_waits_per_client: crate::api::MAX_WAITERS_PER_CLIENT,
+            rate_limit: crate::dns::rrl::RateLimitConfig::default(),
         }
     }
 }

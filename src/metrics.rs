@@ -37,6 +37,7 @@ pub struct DnsCounters {
     rcode: [AtomicU64; RCODES.len()],
     truncated: AtomicU64,
     dropped: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 #[inline]
@@ -60,6 +61,12 @@ impl DnsCounters {
     #[inline]
     pub fn dropped(&self) {
         bump(&self.dropped);
+    }
+
+    /// A response held back (dropped or slipped) by rate limiting.
+    #[inline]
+    pub fn rate_limited(&self) {
+        bump(&self.rate_limited);
     }
 }
 
@@ -185,6 +192,10 @@ fn sum_blocks<'a>(
     (q, r, t, d)
 }
 
+fn rate_limited<'a>(blocks: impl Iterator<Item = &'a DnsCounters>) -> u64 {
+    blocks.map(|b| b.rate_limited.load(Relaxed)).sum()
+}
+
 /// Renders everything in Prometheus text format.
 pub fn render(
     dns: &DnsStats,
@@ -262,6 +273,17 @@ pub fn render(
         "Datagrams dropped unanswered (runts, responses).",
     );
     let _ = writeln!(out, "rollcall_dns_dropped_total {}", per_transport[0].1 .3);
+    head(
+        &mut out,
+        "rollcall_dns_rate_limited_total",
+        "counter",
+        "UDP responses held back by rate limiting (--rate-limit): dropped, or sent truncated (slip).",
+    );
+    let _ = writeln!(
+        out,
+        "rollcall_dns_rate_limited_total {}",
+        rate_limited(udp.iter().map(|b| &**b))
+    );
 
     let events = [
         (

@@ -173,10 +173,12 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
 
     let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();
     let dns_stats = Arc::new(crate::metrics::DnsStats::default());
+    let rate_limit = Arc::new(dns::rrl::RateLimit::new(config.rate_limit.clone()));
     let udp_threads = dns::udp::spawn(
         udp,
         cell.clone(),
         allow_query.clone(),
+        rate_limit,
         dns_stats.clone(),
         shutdown.clone(),
     );

@@ -295,3 +295,91 @@ async fn tcp_clients_that_never_read_lose_their_slot() {
     assert_eq!(closed, 100, "hogs still connected after 25 s");
     running.stop().await;
 }
+
+/// Sends `n` copies of `query` from one socket as fast as it can and collects what comes back
+/// until 1 s of silence: (answers with records, truncated answers, bytes sent, bytes received).
+fn flood(dns: SocketAddr, query: &[u8], n: usize) -> (usize, usize, usize, usize) {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s2 = socket2::SockRef::from(&sock);
+    s2.set_recv_buffer_size(8 << 20).unwrap();
+    sock.connect(dns).unwrap();
+    let reader = {
+        let sock = sock.try_clone().unwrap();
+        std::thread::spawn(move || {
+            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let (mut full, mut tc, mut bytes) = (0, 0, 0);
+            let mut buf = [0u8; 4096];
+            while let Ok(len) = sock.recv(&mut buf) {
+                bytes += len;
+                let m = Message::from_vec(&buf[..len]).expect("a valid response");
+                if m.metadata.truncation {
+                    assert!(m.answers.is_empty());
+                    tc += 1;
+                } else if !m.answers.is_empty() {
+                    full += 1;
+                }
+            }
+            (full, tc, bytes)
+        })
+    };
+    for _ in 0..n {
+        let _ = sock.send(query);
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let (full, tc, received) = reader.join().unwrap();
+    (full, tc, n * query.len(), received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limiting_keeps_rollcall_from_amplifying() {
+    let mut cfg = ServeConfig::for_tests();
+    cfg.rate_limit = rollcall::dns::rrl::RateLimitConfig {
+        limit: 50,
+        slip: 2,
+        exempt: Vec::new(), // the test's loopback source stands for a spoofed victim
+    };
+    let running = start(cfg).await.unwrap();
+    fill_role(&running, "app", 60).await;
+    let q = query_msg("app.cluster.", RecordType::A, Some(1232));
+    let dns = running.dns_addr;
+    let t0 = Instant::now();
+    let (full, tc, sent, received) = tokio::task::spawn_blocking(move || flood(dns, &q, 3000))
+        .await
+        .unwrap();
+    let secs = t0.elapsed().as_secs_f64().ceil() as usize;
+    eprintln!(
+        "rate limit 50/s, slip 2: 3000 queries in ~{secs} s -> {full} full answers, {tc} truncated; bytes out/in {:.2} ({received} / {sent})",
+        received as f64 / sent as f64
+    );
+    assert!(full <= 50 * (secs + 1), "{full} full answers in {secs} s");
+    assert!(
+        tc >= 500,
+        "slip sends every 2nd response over the limit truncated: {tc}"
+    );
+    assert!(received as f64 / sent as f64 <= 2.0, "still amplifying");
+    let metrics = reqwest::get(format!("http://{}/metrics", running.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let limited: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rollcall_dns_rate_limited_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(limited >= 2000, "{limited}");
+    running.stop().await;
+
+    // By default loopback is exempt (and so are the benchmarks): everything is answered.
+    let running = start(ServeConfig::for_tests()).await.unwrap();
+    fill_role(&running, "app", 60).await;
+    let q = query_msg("app.cluster.", RecordType::A, Some(1232));
+    let dns = running.dns_addr;
+    let (full, tc, _, _) = tokio::task::spawn_blocking(move || flood(dns, &q, 1000))
+        .await
+        .unwrap();
+    assert_eq!((full, tc), (1000, 0));
+    running.stop().await;
+}

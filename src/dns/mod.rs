@@ -9,6 +9,7 @@
 //! Nothing here takes a lock while answering: readers load the current [`Snapshot`] from an
 //! `ArcSwap` that only the [`Builder`] stores into.
 
+pub mod rrl;
 pub mod snapshot;
 pub mod tcp;
 pub mod udp;

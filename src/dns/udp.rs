@@ -53,6 +53,7 @@ pub fn spawn(
     sockets: Vec<UdpSocket>,
     snapshots: Arc<ArcSwap<Snapshot>>,
     allow: Arc<[IpNet]>,
+    rate_limit: Arc<super::rrl::RateLimit>,
     stats: Arc<DnsStats>,
     shutdown: CancellationToken,
 ) -> Vec<std::thread::JoinHandle<()>> {
@@ -63,6 +64,7 @@ pub fn spawn(
             let snapshots = snapshots.clone();
             let shutdown = shutdown.clone();
             let allow = allow.clone();
+            let rate_limit = rate_limit.clone();
             let counters = stats.udp_thread();
             std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
@@ -82,10 +84,22 @@ pub fn spawn(
                                 rcode,
                                 truncated,
                                 qtype,
-                            } => {
-                                counters.answered(qtype, rcode, truncated);
-                                true
-                            }
+                            } => match source_ip(source).map(|ip| rate_limit.check(ip)) {
+                                Some(super::rrl::Verdict::Drop) => {
+                                    counters.rate_limited();
+                                    false
+                                }
+                                Some(super::rrl::Verdict::Slip) => {
+                                    super::wire::slip(out);
+                                    counters.rate_limited();
+                                    counters.answered(qtype, rcode, true);
+                                    true
+                                }
+                                _ => {
+                                    counters.answered(qtype, rcode, truncated);
+                                    true
+                                }
+                            },
                             Outcome::Drop => {
                                 counters.dropped();
                                 false

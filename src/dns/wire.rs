@@ -311,6 +311,28 @@ pub fn refuse(q: &[u8], out: &mut Vec<u8>) -> Outcome {
     header_only(q, out, RCODE_REFUSED)
 }
 
+/// Cuts a response in `out` down to its header and question, TC set (what rate limiting's
+/// slip sends). A response without a question is left alone.
+pub fn slip(out: &mut Vec<u8>) {
+    if out.len() < 12 || out[4..6] != [0, 1] {
+        return;
+    }
+    let mut at = 12;
+    while let Some(&len) = out.get(at) {
+        if len == 0 || len & 0xC0 != 0 {
+            break;
+        }
+        at += 1 + usize::from(len);
+    }
+    let end = at + 1 + 4;
+    if out.get(at) != Some(&0) || end > out.len() {
+        return;
+    }
+    out.truncate(end);
+    out[2] |= 0x02;
+    out[6..12].copy_from_slice(&[0; 6]);
+}
+
 fn header_only(q: &[u8], out: &mut Vec<u8>, rcode: u8) -> Outcome {
     write_header(q, out, rcode, false, [0; 4]);
     Outcome::Answered {
