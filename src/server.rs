@@ -46,8 +46,11 @@ pub struct Running {
     shutdown: CancellationToken,
     registry_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
-    tcp_task: tokio::task::JoinHandle<()>,
+    /// DNS over TCP runs on a runtime of its own: a flood of API requests cannot starve it.
+    tcp_thread: std::thread::JoinHandle<()>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
+    /// Dropping a `Running` without `stop` stops it too (its threads would outlive it).
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 fn bind_error(
@@ -182,15 +185,25 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         dns_stats.clone(),
         shutdown.clone(),
     );
-    let tcp = TcpListener::from_std(tcp)
-        .map_err(|e| bind_error(e, dns_addr, "DNS over TCP", "dns-listen"))?;
-    let tcp_task = tokio::spawn(dns::tcp::serve(
-        tcp,
-        cell,
-        allow_query,
-        dns_stats.clone(),
-        shutdown.clone(),
-    ));
+    let tcp_thread = {
+        let (cell, allow_query, dns_stats, shutdown) =
+            (cell, allow_query, dns_stats.clone(), shutdown.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| bind_error(e, dns_addr, "DNS over TCP", "dns-listen"))?;
+        let tcp = {
+            let _guard = runtime.enter();
+            TcpListener::from_std(tcp)
+                .map_err(|e| bind_error(e, dns_addr, "DNS over TCP", "dns-listen"))?
+        };
+        std::thread::Builder::new()
+            .name("dns-tcp".into())
+            .spawn(move || {
+                runtime.block_on(dns::tcp::serve(tcp, cell, allow_query, dns_stats, shutdown))
+            })
+            .expect("spawning a thread")
+    };
 
     let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone())
         .with_dns_stats(dns_stats)
@@ -204,6 +217,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
 
     tracing::info!(udp = %dns_addr, tcp = %dns_addr, threads = config.dns_threads, zone = %config.zone, "listening for DNS");
     tracing::info!(http = %http_addr, "listening for HTTP");
+    let stop_on_drop = shutdown.clone().drop_guard();
     Ok(Running {
         dns_addr,
         http_addr,
@@ -213,8 +227,9 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         shutdown,
         registry_task,
         http_task,
-        tcp_task,
+        tcp_thread,
         udp_threads,
+        _stop_on_drop: stop_on_drop,
     })
 }
 
@@ -240,7 +255,6 @@ impl Running {
         self.shutdown.cancel();
         let wait = async {
             let _ = self.http_task.await;
-            let _ = self.tcp_task.await;
             let _ = self.registry_task.await;
         };
         if tokio::time::timeout(Duration::from_secs(5), wait)
@@ -249,7 +263,8 @@ impl Running {
         {
             tracing::warn!("shutdown took longer than 5 s; exiting anyway");
         }
-        let threads = self.udp_threads;
+        let mut threads = self.udp_threads;
+        threads.push(self.tcp_thread);
         let _ =
             tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())))
                 .await;

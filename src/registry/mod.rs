@@ -151,6 +151,10 @@ impl LeaseCell {
 pub struct PublishedNode {
     pub node: Label,
     pub spec: Arc<NodeSpec>,
+    /// Readers' cache of this registration's unchanging part, encoded their way (the API keeps
+    /// its JSON here, so that a thousand readers of a role encode each node once). Lives as long
+    /// as the spec; the registry never reads it.
+    pub encoded: Arc<std::sync::OnceLock<Box<[u8]>>>,
     registered: Instant,
     lease: Arc<LeaseCell>,
 }
@@ -177,6 +181,16 @@ pub struct View {
 }
 
 impl View {
+    /// Lease left, age and session of a node now.
+    pub fn lease_now(&self, n: &PublishedNode, now: Instant) -> (Duration, Duration, bool) {
+        let deadline = self.epoch + Duration::from_nanos(n.lease.deadline.load(Ordering::Relaxed));
+        (
+            deadline.saturating_duration_since(now),
+            now.saturating_duration_since(n.registered),
+            n.lease.session.load(Ordering::Relaxed),
+        )
+    }
+
     /// The node's state now: lease left, age, session.
     pub fn node_info(&self, role: &Label, n: &PublishedNode, now: Instant) -> NodeInfo {
         let deadline = self.epoch + Duration::from_nanos(n.lease.deadline.load(Ordering::Relaxed));

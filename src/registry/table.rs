@@ -18,6 +18,8 @@ use super::{
 /// too, as plain data.
 pub(super) struct Entry {
     pub spec: Arc<NodeSpec>,
+    /// Readers' encoding cache, kept while the spec is.
+    pub encoded: Arc<std::sync::OnceLock<Box<[u8]>>>,
     pub registered: Instant,
     pub deadline: Instant,
     pub session: Option<u64>,
@@ -162,6 +164,7 @@ impl Table {
                         .map(|(n, e)| PublishedNode {
                             node: n.clone(),
                             spec: e.spec.clone(),
+                            encoded: e.encoded.clone(),
                             registered: e.registered,
                             lease: e.cell.clone(),
                         })

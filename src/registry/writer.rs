@@ -127,6 +127,7 @@ impl Writer {
             self.deadlines.insert((deadline, key.clone()));
             let entry = Entry {
                 spec: Arc::new(spec),
+                encoded: Arc::default(),
                 registered: now.checked_sub(age).unwrap_or(now),
                 deadline,
                 session: None,
@@ -329,6 +330,10 @@ impl Writer {
             Some(e) => (e.registered, e.session, e.cell.clone()),
             None => (now, None, Arc::new(LeaseCell::default())),
         };
+        // An unchanged spec keeps its Arc and the readers' encoding of it.
+        let kept = existing
+            .filter(|_| !changed)
+            .map(|e| (e.spec.clone(), e.encoded.clone()));
         let record = if changed {
             StoredRecord::Put(stored_node(
                 &key.role, &key.node, &spec, deadline, registered, now, unix_now,
@@ -368,8 +373,10 @@ impl Writer {
             age: now - registered,
             session: session.is_some(),
         };
+        let (spec, encoded) = kept.unwrap_or_else(|| (Arc::new(spec), Arc::default()));
         let entry = Entry {
-            spec: Arc::new(spec),
+            spec,
+            encoded,
             registered,
             deadline,
             session,
