@@ -141,3 +141,18 @@ pub fn register_body(data: &[u8]) {
         }
     }
 }
+
+/// Bytes in -> the journal's replay (what start-up reads from the data dir). It never panics,
+/// never claims an intact frame past the end, and its resynchronisation work stays within a
+/// small multiple of the input, whatever the input holds.
+pub fn journal_replay(data: &[u8]) {
+    let r = crate::journal::replay(data);
+    assert!(r.good_end <= data.len());
+    assert!(
+        r.work <= 16 * data.len() + 64,
+        "replay examined {} bytes for {} bytes of input",
+        r.work,
+        data.len()
+    );
+    assert!(r.live.len() <= r.records);
+}

@@ -640,6 +640,12 @@ fn replay_v1(data: &[u8], out: &mut Replayed) {
             None => {
                 damage_from.get_or_insert(pos);
                 pos += 1;
+                if out.work > 8 * data.len() {
+                    // Old frames have no marker to resynchronise on cheaply: past this much
+                    // work the rest is given up (and kept in the damaged copy) rather than
+                    // costing seconds per MiB.
+                    break;
+                }
             }
         }
     }

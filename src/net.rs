@@ -79,5 +79,6 @@ pub fn raise_fd_limit() -> Option<u64> {
             }
         }
     }
+    #[allow(clippy::unnecessary_cast)]
     Some(lim.rlim_cur as u64)
 }

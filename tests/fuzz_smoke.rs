@@ -91,3 +91,9 @@ fn register_body_parser_survives_mutated_bodies() {
     let n = run("register_body", 100_000, rollcall::fuzz::register_body);
     eprintln!("register_body: {n} inputs");
 }
+
+#[test]
+fn journal_replay_survives_mutated_logs() {
+    let n = run("journal_replay", 50_000, rollcall::fuzz::journal_replay);
+    eprintln!("journal_replay: {n} inputs");
+}

@@ -383,3 +383,24 @@ async fn rate_limiting_keeps_rollcall_from_amplifying() {
     assert_eq!((full, tc), (1000, 0));
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_an_rrset_over_64k_keeps_the_old_zones_and_names_the_file() {
+    // Before: the encoder's error reached an `expect` on the reload path and stopped the server.
+    let dir = tempfile::tempdir().unwrap();
+    let good = "$ORIGIN example.\n$TTL 60\n@ IN SOA ns hostmaster 7 60 10 3600 2\n@ IN NS ns\nns IN A 127.0.0.1\nwww IN A 10.0.0.1\n";
+    std::fs::write(dir.path().join("example.zone"), good).unwrap();
+    let mut cfg = ServeConfig::for_tests();
+    cfg.zones_dir = dir.path().to_owned();
+    let running = start(cfg).await.unwrap();
+    let mut bad = good.to_string();
+    for i in 0..300 {
+        bad.push_str(&format!("@ IN TXT \"{}\" \"{i}\"\n", "x".repeat(250)));
+    }
+    std::fs::write(dir.path().join("example.zone"), bad).unwrap();
+    let e = running.reload_zones().err().expect("the reload is refused");
+    assert!(e.to_string().contains("example.zone"), "{e}");
+    let m = udp_query(running.dns_addr, "www.example.", RecordType::A, None);
+    assert_eq!(m.answers.len(), 1, "the old zone is still served");
+    running.stop().await;
+}

@@ -287,7 +287,7 @@ async fn json_errors(req: axum::extract::Request, next: Next) -> Response {
         .unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let message = if text.trim().is_empty() {
-        format!("{}", status.canonical_reason().unwrap_or("error")).to_lowercase()
+        status.canonical_reason().unwrap_or("error").to_lowercase()
     } else {
         text.trim().to_owned()
     };

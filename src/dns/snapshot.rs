@@ -360,13 +360,14 @@ pub fn build_role(
     data
 }
 
-/// Encodes arbitrary records (static zone data) with hickory's encoder.
+/// Encodes arbitrary records (static zone data) with hickory's encoder. Fails when the
+/// response would not fit in a DNS message (64 KiB).
 pub fn encode_records(
     owner: &Name,
     rtype: RecordType,
     answers: &[Record],
     additionals: &[Record],
-) -> Template {
+) -> Result<Template, String> {
     let mut buf = Vec::with_capacity(512);
     let mut enc = BinEncoder::new(&mut buf);
     let mut h = Vec::with_capacity(12);
@@ -387,13 +388,19 @@ pub fn encode_records(
         }
         Ok(())
     })()
-    .expect("records from a parsed zone file encode");
-    Template {
+    .map_err(|e| format!("the {owner} {rtype} records do not fit in one DNS message: {e}"))?;
+    if buf.len() > usize::from(u16::MAX) || answers.len() > usize::from(u16::MAX) {
+        return Err(format!(
+            "the {owner} {rtype} records do not fit in one DNS message ({} bytes, at most 65535): split them",
+            buf.len()
+        ));
+    }
+    Ok(Template {
         bytes: buf.into_boxed_slice(),
         answer_end,
         additional_ends: additional_ends.into(),
         fixed_rr: 0,
-    }
+    })
 }
 
 /// Settings for the apex of the dynamic zone.
@@ -513,7 +520,7 @@ impl Builder {
                     soa.retry,
                     soa.expire,
                     soa.ttl,
-                    z.apex_sets(),
+                    z.apex.clone(),
                     z.names.clone(),
                 )
             }
@@ -563,12 +570,12 @@ impl Builder {
                     minimum: soa.minimum,
                     ttl: soa.ttl,
                 },
-                z.apex_sets(),
+                z.apex.clone(),
                 z.names.clone(),
                 None,
             ));
         }
-        zones.sort_by(|a, b| b.apex.len().cmp(&a.apex.len()));
+        zones.sort_by_key(|z| std::cmp::Reverse(z.apex.len()));
         self.out.store(Arc::new(Snapshot {
             zones,
             roles: self.roles.clone(),
@@ -601,7 +608,8 @@ fn default_names(s: &ZoneSettings) -> HashMap<Box<[u8]>, Entry> {
     let mut names = HashMap::new();
     if let (Some(addr), true) = (s.ns_addr, s.zone.zone_of(&s.ns_name)) {
         let rec = Record::from_rdata(s.ns_name.clone(), s.record_ttl, rdata_for(addr));
-        let t = encode_records(&s.ns_name, rec.record_type(), &[rec], &[]);
+        let t = encode_records(&s.ns_name, rec.record_type(), &[rec], &[])
+            .expect("one address record fits in a message");
         let rtype = u16::from(addr_record_type(addr));
         names.insert(
             wire_name(&s.ns_name),
@@ -635,7 +643,7 @@ fn make_zone(
     origin: &Name,
     dynamic: bool,
     soa: SoaFields,
-    apex_static: Vec<(RecordType, Vec<Record>, Vec<Record>)>,
+    apex_static: Vec<RrSet>,
     names: Arc<HashMap<Box<[u8]>, Entry>>,
     default_ns: Option<&ZoneSettings>,
 ) -> Zone {
@@ -668,18 +676,13 @@ fn make_zone(
     let mut apex_entry = Entry::default();
     apex_entry.sets.push(RrSet {
         rtype: TYPE_SOA,
-        rotations: Arc::from([encode_records(origin, RecordType::SOA, &[soa_record], &[])]),
+        rotations: Arc::from([encode_records(origin, RecordType::SOA, &[soa_record], &[])
+            .expect("one SOA record fits in a message")]),
     });
     let mut has_ns = false;
-    for (rtype, records, glue) in apex_static {
-        if rtype == RecordType::SOA {
-            continue;
-        }
-        has_ns |= rtype == RecordType::NS;
-        apex_entry.sets.push(RrSet {
-            rtype: u16::from(rtype),
-            rotations: Arc::from([encode_records(origin, rtype, &records, &glue)]),
-        });
+    for set in apex_static {
+        has_ns |= set.rtype == TYPE_NS;
+        apex_entry.sets.push(set);
     }
     if let (false, Some(s)) = (has_ns, default_ns) {
         let ns = Record::from_rdata(
@@ -695,7 +698,8 @@ fn make_zone(
             .collect();
         apex_entry.sets.push(RrSet {
             rtype: TYPE_NS,
-            rotations: Arc::from([encode_records(origin, RecordType::NS, &[ns], &glue)]),
+            rotations: Arc::from([encode_records(origin, RecordType::NS, &[ns], &glue)
+                .expect("one NS record and its address fit in a message")]),
         });
     }
     Zone {

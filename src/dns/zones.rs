@@ -30,7 +30,8 @@ pub struct StaticZone {
     pub origin: Name,
     pub path: PathBuf,
     pub soa: SoaParts,
-    records: BTreeMap<RrKey, RecordSet>,
+    /// The apex's own RRsets but the SOA (whose serial the builder sets), pre-encoded.
+    pub apex: Vec<RrSet>,
     /// Every name below the apex (and empty non-terminals), pre-encoded.
     pub names: Arc<HashMap<Box<[u8]>, Entry>>,
     pub record_count: usize,
@@ -42,22 +43,6 @@ pub struct ZoneError {
     pub path: PathBuf,
     pub line: Option<usize>,
     pub message: String,
-}
-
-impl StaticZone {
-    /// The apex RRsets (with glue for NS), SOA included.
-    pub fn apex_sets(&self) -> Vec<(RecordType, Vec<Record>, Vec<Record>)> {
-        let apex = self.origin.to_lowercase();
-        self.records
-            .iter()
-            .filter(|(k, _)| Name::from(k.name.clone()) == apex)
-            .map(|(k, set)| {
-                let records: Vec<Record> = set.records_without_rrsigs().cloned().collect();
-                let glue = glue(&self.records, &records);
-                (k.record_type, records, glue)
-            })
-            .collect()
-    }
 }
 
 /// Loads every `*.zone` file in `dir`, sorted by name. A missing directory is an empty set.
@@ -116,6 +101,7 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
 
     let mut soa = None;
     let mut names: HashMap<Box<[u8]>, Entry> = HashMap::new();
+    let mut apex: Vec<RrSet> = Vec::new();
     let mut record_count = 0;
     for (key, set) in &records {
         let name = Name::from(key.name.clone());
@@ -158,12 +144,19 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
                 format!("{name} has a CNAME and other data (RFC 1034 3.6.2)"),
             ));
         }
-        if name == origin {
-            continue;
-        }
         let answers: Vec<Record> = set.records_without_rrsigs().cloned().collect();
         let additionals = glue(&records, &answers);
-        let template = encode_records(&name, key.record_type, &answers, &additionals);
+        let template = encode_records(&name, key.record_type, &answers, &additionals)
+            .map_err(|m| err(None, m))?;
+        if name == origin {
+            if key.record_type != RecordType::SOA {
+                apex.push(RrSet {
+                    rtype: u16::from(key.record_type),
+                    rotations: Arc::from([template]),
+                });
+            }
+            continue;
+        }
         let entry = names.entry(wire_name(&name)).or_default();
         entry.sets.push(RrSet {
             rtype: u16::from(key.record_type),
@@ -186,7 +179,7 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
         origin,
         path: path.to_owned(),
         soa,
-        records,
+        apex,
         names: Arc::new(names),
         record_count,
     })
@@ -272,9 +265,35 @@ mod tests {
             .contains_key(&wire_name(&Name::from_ascii("www.deep.example.").unwrap())));
         let ent = &z.names[&wire_name(&Name::from_ascii("deep.example.").unwrap())];
         assert!(ent.sets.is_empty());
-        let apex = z.apex_sets();
-        let ns = apex.iter().find(|(t, ..)| *t == RecordType::NS).unwrap();
-        assert_eq!(ns.2.len(), 1, "NS glue for ns.example.");
+        let ns = z
+            .apex
+            .iter()
+            .find(|s| s.rtype == u16::from(RecordType::NS))
+            .unwrap();
+        assert_eq!(
+            ns.rotations[0].additional_ends.len(),
+            1,
+            "NS glue for ns.example."
+        );
+    }
+
+    #[test]
+    fn an_rrset_too_big_for_one_message_is_an_error_not_a_panic() {
+        // Before: the encoder's error reached an `expect` (at load, or at every publish for the
+        // apex) and stopped the server.
+        let dir = tempfile::tempdir().unwrap();
+        let txt = format!("\"{}\"", "x".repeat(250));
+        for owner in ["big", "@"] {
+            let path = dir.path().join("x.zone");
+            let mut zone = String::from("$ORIGIN example.\n$TTL 60\n@ IN SOA ns hostmaster 7 60 10 3600 2\n@ IN NS ns\nns IN A 127.0.0.1\n");
+            for i in 0..300 {
+                zone.push_str(&format!("{owner} IN TXT {txt} \"{i}\"\n"));
+            }
+            std::fs::write(&path, zone).unwrap();
+            let e = load_file(&path).err().expect("a 75 KB RRset is refused");
+            assert!(e.message.contains("do not fit in one DNS message"), "{e}");
+            assert!(e.to_string().contains("x.zone"), "{e}");
+        }
     }
 
     #[test]
