@@ -4,6 +4,7 @@
 //!   each checked in the snapshot right after; median, p99, max;
 //! - 100,000 nodes in 1,000 roles: resident memory, time to publish one changed role;
 //! - start-up from a data dir holding those 100,000 nodes: open + replay + first publish.
+//!
 //! Prints a table; asserts nothing (targets are compared by a person, in the closing note).
 
 use std::sync::{Arc, Mutex};

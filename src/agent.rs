@@ -205,7 +205,7 @@ impl Plan {
                 ))
             }
         }
-        if url.host_str().map_or(true, str::is_empty) {
+        if url.host_str().is_none_or(str::is_empty) {
             return Err(format!("--api {:?} has no host", a.api));
         }
         if url.query().is_some() || url.fragment().is_some() {
@@ -323,7 +323,7 @@ fn chain(e: &dyn StdError) -> String {
 }
 
 fn fmt_dur(d: Duration) -> String {
-    if d.as_millis() % 1000 == 0 {
+    if d.as_millis().is_multiple_of(1000) {
         format!("{}s", d.as_secs())
     } else {
         format!("{}ms", d.as_millis())
@@ -768,7 +768,7 @@ impl Keeper {
             };
 
             // 3. The session.
-            if session_after.map_or(true, |t| Instant::now() >= t) {
+            if session_after.is_none_or(|t| Instant::now() >= t) {
                 let opened = tokio::select! {
                     _ = stop.cancelled() => break,
                     r = self.open_session() => r,
@@ -840,7 +840,7 @@ impl Keeper {
                     Wake::Check => continue 'outer,
                     Wake::Elapsed => {}
                 }
-                if session_after.map_or(true, |t| Instant::now() >= t) {
+                if session_after.is_none_or(|t| Instant::now() >= t) {
                     continue 'outer;
                 }
                 let put = tokio::select! {

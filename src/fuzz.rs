@@ -55,8 +55,8 @@ pub fn sample_snapshot() -> Arc<Snapshot> {
         ];
         let mut publisher = builder.clone();
         publisher.publish(1, &views);
-        let snap = cell.load_full();
-        snap
+
+        cell.load_full()
     })
     .clone()
 }

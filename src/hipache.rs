@@ -172,7 +172,7 @@ impl SyncConfig {
                 ))
             }
         }
-        if api.host_str().map_or(true, str::is_empty) {
+        if api.host_str().is_none_or(str::is_empty) {
             return Err(format!(
                 "--api {:?} has no host: use e.g. http://127.0.0.1:8053",
                 a.api
@@ -502,7 +502,7 @@ impl Follower {
                     // A plain read follows a (re)connection; an index that went backwards
                     // means rollcall restarted between two queries.
                     let reconnected =
-                        link.up(&self.cfg.api) || index.map_or(true, |i| role.index < i);
+                        link.up(&self.cfg.api) || index.is_none_or(|i| role.index < i);
                     if reconnected {
                         epoch += 1;
                     }
@@ -510,7 +510,7 @@ impl Follower {
                     backoff.reset();
                     let list = self.cfg.hipache_list(&role.nodes);
                     self.tx.send_if_modified(|cur| {
-                        let changed = reconnected || cur.as_ref().map_or(true, |w| w.list != list);
+                        let changed = reconnected || cur.as_ref().is_none_or(|w| w.list != list);
                         if changed {
                             tracing::debug!(
                                 index = role.index,

@@ -869,7 +869,11 @@ mod tests {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
-            data.push(if rng % 7 == 0 { 0xff } else { rng as u8 });
+            data.push(if rng.is_multiple_of(7) {
+                0xff
+            } else {
+                rng as u8
+            });
         }
         encode_frame(
             &StoredRecord::Put(node("last", unix_ms() + 60_000)),

@@ -31,7 +31,7 @@ fn mutate(seed: &[u8], rng: &mut u64, pool: &[Vec<u8>]) -> Vec<u8> {
         match r % 6 {
             0 if !v.is_empty() => {
                 let i = (next() as usize) % v.len();
-                v[i] ^= 1 << (r >> 8) % 8;
+                v[i] ^= 1 << ((r >> 8) % 8);
             }
             1 if !v.is_empty() => {
                 let i = (next() as usize) % v.len();

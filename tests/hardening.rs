@@ -398,7 +398,7 @@ async fn a_reload_with_an_rrset_over_64k_keeps_the_old_zones_and_names_the_file(
         bad.push_str(&format!("@ IN TXT \"{}\" \"{i}\"\n", "x".repeat(250)));
     }
     std::fs::write(dir.path().join("example.zone"), bad).unwrap();
-    let e = running.reload_zones().err().expect("the reload is refused");
+    let e = running.reload_zones().expect_err("the reload is refused");
     assert!(e.to_string().contains("example.zone"), "{e}");
     let m = udp_query(running.dns_addr, "www.example.", RecordType::A, None);
     assert_eq!(m.answers.len(), 1, "the old zone is still served");

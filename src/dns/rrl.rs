@@ -91,7 +91,7 @@ impl RateLimit {
             return Verdict::Send;
         }
         let over = count - self.config.limit;
-        if self.config.slip > 0 && over % self.config.slip == 0 {
+        if self.config.slip > 0 && over.is_multiple_of(self.config.slip) {
             Verdict::Slip
         } else {
             Verdict::Drop

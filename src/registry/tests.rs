@@ -4,9 +4,10 @@ use super::*;
 use crate::journal::MemoryJournal;
 use crate::journal::{unix_ms, Loaded, StoredNode};
 
+type Publishes = Vec<(u64, Vec<(String, usize)>)>;
 /// Records every publish: (index, [(role, node count)]).
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<(u64, Vec<(String, usize)>)>>>);
+struct Recorder(Arc<Mutex<Publishes>>);
 
 impl Publish for Recorder {
     fn publish(&mut self, index: u64, changed: &[RoleView<'_>]) {
