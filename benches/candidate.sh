@@ -32,7 +32,6 @@ serve() {   # serve DNS-LISTEN LOG
     # shellcheck disable=SC2086
     "$bin" serve --dns-listen "$1" --http-listen "127.0.0.1:$http_port" \
         --zones "$work/zones" --data-dir "$work/data" --dns-threads "${DNSB_THREADS:-1}" \
-        --rate-limit 0 \
         ${ROLLCALL_EXTRA_ARGS:-} 2>>"$2" &
     pid=$!
     for _ in $(seq 200); do

@@ -57,6 +57,7 @@ N=2; M=10
 DURATION=10; REPS=3
 LOADS="8:50 8:100 8:500"          # dnsperf -c:-q settings; the best median QPS is reported
 SERVERS="rollcall null nsd knot dnsmasq bind"
+BASELINE_BIN=""
 CHURN=0; API=0; VERIFY_ONLY=0
 CHURN_RENEW=5000; CHURN_REGISTER=100; CHURN_CONNS=64
 API_CONNS=64; API_THREADS=2
@@ -78,6 +79,7 @@ Options:
   --reps R               repetitions, interleaved across servers (default $REPS)
   --loads 'C:Q ...'      dnsperf -c:-q settings to try (default '$LOADS')
   --servers 'LIST'       subset of: rollcall null nsd knot dnsmasq bind hickory
+  --baseline BIN         also run another rollcall binary as server "baseline" (before/after)
                          (default '$SERVERS'; hickory only if hickory-dns is installed)
   --churn                also run rollcall under API churn (rollcall+churn)
   --churn-rates R:G      renewals/s : registrations/s (default $CHURN_RENEW:$CHURN_REGISTER)
@@ -106,6 +108,7 @@ while [ $# -gt 0 ]; do
         --reps) REPS=$2; shift ;;
         --loads) LOADS=$2; shift ;;
         --servers) SERVERS=$2; shift ;;
+        --baseline) BASELINE_BIN=$(realpath "$2"); SERVERS="$SERVERS baseline"; shift ;;
         --churn) CHURN=1 ;;
         --churn-rates) CHURN_RENEW=${2%%:*}; CHURN_REGISTER=${2##*:}; shift ;;
         --churn-cpu) CHURN_CPU=$2; shift ;;
@@ -130,7 +133,7 @@ for v in N M DURATION REPS BASE_PORT SERVER_CPU CLIENT_CPU CHURN_RENEW CHURN_REG
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a number, not '${!v}'" >&2; exit 2; }
 done
 for s in $SERVERS; do
-    case $s in rollcall|null|nsd|knot|dnsmasq|bind|hickory) ;;
+    case $s in rollcall|baseline|null|nsd|knot|dnsmasq|bind|hickory) ;;
         *) echo "unknown server '$s' (see --help)" >&2; exit 2 ;; esac
 done
 for l in $LOADS; do
@@ -400,7 +403,11 @@ conf_rollcall() {   # candidate.sh registers services.tsv over the API, then ser
     printf '%s\n' env DNSB_ADDR="$ADDR" DNSB_PORT="$2" DNSB_DATA_DIR="$DATA" DNSB_THREADS=1 \
         ROLLCALL_BIN="$ROLLCALL_BIN" TMPDIR="$1" bash "$HERE/candidate.sh"
 }
-conf_api() { conf_rollcall "$@"; }   # the API benchmark: the same rollcall, not pinned
+conf_api() { conf_rollcall "$@"; }
+conf_baseline() {   # another rollcall binary (--baseline BIN), served the same way: before/after
+    printf '%s\n' env DNSB_ADDR="$ADDR" DNSB_PORT="$2" DNSB_DATA_DIR="$DATA" DNSB_THREADS=1 \
+        ROLLCALL_BIN="$BASELINE_BIN" TMPDIR="$1" bash "$HERE/candidate.sh"
+}   # the API benchmark: the same rollcall, not pinned
 
 ready() {   # ready NAME PORT: answers cluster. SOA (the null responder: answers at all)
     if [ "$1" = null ]; then
@@ -576,6 +583,7 @@ versions() {
             dnsmasq) echo "| dnsmasq | $(dnsmasq -v | head -1 | sed 's/  Copyright.*//') |" ;;
             bind) echo "| bind | $(named -v) |" ;;
             hickory) echo "| hickory | $("$(hickory_bin)" --version) |" ;;
+            baseline) echo "| baseline | $BASELINE_BIN ($("$BASELINE_BIN" --version 2>/dev/null || echo '?')) |" ;;
         esac
     done
     echo "| dnsperf | $(dnsperf -h 2>&1 | awk '/^Version/ { print $2 }') |"
