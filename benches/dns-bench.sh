@@ -233,7 +233,7 @@ port_of() {
     case $1 in rollcall|rollcall+churn) echo $((BASE_PORT + 1)) ;; null) echo $((BASE_PORT + 2)) ;;
         nsd) echo $((BASE_PORT + 3)) ;; knot) echo $((BASE_PORT + 4)) ;;
         dnsmasq) echo $((BASE_PORT + 5)) ;; bind) echo $((BASE_PORT + 6)) ;;
-        hickory) echo $((BASE_PORT + 7)) ;; api) echo $((BASE_PORT + 8)) ;; esac
+        hickory) echo $((BASE_PORT + 7)) ;; api) echo $((BASE_PORT + 8)) ;; baseline) echo $((BASE_PORT + 9)) ;; esac
 }
 http_port_of() { echo $(( $(port_of "$1") + 1000 )); }   # candidate.sh's contract
 
