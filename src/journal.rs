@@ -506,21 +506,7 @@ pub(crate) fn replay(data: &[u8]) -> Replayed {
     while pos < data.len() {
         match frame_at(data, pos, &mut out.work) {
             Ok(payload) => {
-                if let Some(from) = damage_from.take() {
-                    out.dropped.push(format!(
-                        "damaged bytes {from}..{pos} ({} bytes) skipped",
-                        pos - from
-                    ));
-                }
-                match serde_json::from_slice::<StoredRecord>(payload) {
-                    Ok(rec) => apply(rec, &mut out),
-                    Err(e) => out
-                        .dropped
-                        .push(format!("record at byte {pos} is unreadable: {e}")),
-                }
-                pos += FRAME_HEADER + payload.len();
-                out.good_end = pos;
-                out.records += 1;
+                pos = take_frame(&mut out, pos, FRAME_HEADER, payload, &mut damage_from);
             }
             Err(skip_to) => {
                 damage_from.get_or_insert(pos);
@@ -573,6 +559,32 @@ fn frame_at<'a>(data: &'a [u8], pos: usize, work: &mut usize) -> Result<&'a [u8]
     Ok(payload)
 }
 
+/// Applies the intact frame at `pos` (reporting the damage before it, if any); returns where
+/// the next frame starts.
+fn take_frame(
+    out: &mut Replayed,
+    pos: usize,
+    header: usize,
+    payload: &[u8],
+    damage_from: &mut Option<usize>,
+) -> usize {
+    if let Some(from) = damage_from.take() {
+        out.dropped.push(format!(
+            "damaged bytes {from}..{pos} ({} bytes) skipped",
+            pos - from
+        ));
+    }
+    match serde_json::from_slice::<StoredRecord>(payload) {
+        Ok(rec) => apply(rec, out),
+        Err(e) => out
+            .dropped
+            .push(format!("record at byte {pos} is unreadable: {e}")),
+    }
+    out.good_end = pos + header + payload.len();
+    out.records += 1;
+    out.good_end
+}
+
 fn apply(rec: StoredRecord, out: &mut Replayed) {
     match rec {
         StoredRecord::Put(n) => {
@@ -623,19 +635,7 @@ fn replay_v1(data: &[u8], out: &mut Replayed) {
     while pos < data.len() {
         match v1_frame_at(data, pos, &mut out.work) {
             Some(payload) => {
-                if let Some(from) = damage_from.take() {
-                    out.dropped
-                        .push(format!("damaged bytes {from}..{pos} skipped"));
-                }
-                match serde_json::from_slice::<StoredRecord>(payload) {
-                    Ok(rec) => apply(rec, out),
-                    Err(e) => out
-                        .dropped
-                        .push(format!("record at byte {pos} is unreadable: {e}")),
-                }
-                pos += V1_HEADER + payload.len();
-                out.good_end = pos;
-                out.records += 1;
+                pos = take_frame(out, pos, V1_HEADER, payload, &mut damage_from);
             }
             None => {
                 damage_from.get_or_insert(pos);

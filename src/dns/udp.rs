@@ -72,19 +72,19 @@ pub fn spawn(
                     let mut cache = arc_swap::Cache::new(&*snapshots);
                     let mut rotation = 0u32;
                     serve_batched(&socket, &shutdown, |query, source, out| {
-                        let outcome = if !allow.is_empty()
-                            && !source_ip(source).is_some_and(|ip| allowed(&allow, ip))
-                        {
-                            refuse(query, out)
-                        } else {
-                            answer(cache.load(), query, out, Transport::Udp, &mut rotation)
-                        };
+                        let ip = source_ip(source);
+                        let outcome =
+                            if !allow.is_empty() && !ip.is_some_and(|ip| allowed(&allow, ip)) {
+                                refuse(query, out)
+                            } else {
+                                answer(cache.load(), query, out, Transport::Udp, &mut rotation)
+                            };
                         match outcome {
                             Outcome::Answered {
                                 rcode,
                                 truncated,
                                 qtype,
-                            } => match source_ip(source).map(|ip| rate_limit.check(ip)) {
+                            } => match ip.map(|ip| rate_limit.check(ip)) {
                                 Some(super::rrl::Verdict::Drop) => {
                                     counters.rate_limited();
                                     false

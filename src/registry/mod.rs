@@ -193,16 +193,16 @@ impl View {
 
     /// The node's state now: lease left, age, session.
     pub fn node_info(&self, role: &Label, n: &PublishedNode, now: Instant) -> NodeInfo {
-        let deadline = self.epoch + Duration::from_nanos(n.lease.deadline.load(Ordering::Relaxed));
+        let (expires_in, age, session) = self.lease_now(n, now);
         NodeInfo {
             key: NodeKey {
                 role: role.clone(),
                 node: n.node.clone(),
             },
             spec: (*n.spec).clone(),
-            expires_in: deadline.saturating_duration_since(now),
-            age: now.saturating_duration_since(n.registered),
-            session: n.lease.session.load(Ordering::Relaxed),
+            expires_in,
+            age,
+            session,
         }
     }
 
