@@ -323,6 +323,31 @@ pub struct ServeArgs {
     /// and loopback addresses are accepted only from a peer on this host.
     #[arg(long, env = "ROLLCALL_ALLOW_ANY_ADDR")]
     pub allow_any_addr: bool,
+
+    /// Share registrations with other rollcall servers through this etcd cluster (client URLs,
+    /// comma-separated: http://10.0.0.1:2379,http://10.0.0.2:2379). etcd is then the only truth,
+    /// every server answers DNS and the API alike, and --data-dir only keeps a local copy to
+    /// answer from when starting while etcd is away. Unset: one server, registrations in
+    /// --data-dir.
+    #[arg(long, env = "ROLLCALL_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// Key prefix in etcd (several rollcall clusters can share one etcd).
+    #[arg(long, env = "ROLLCALL_ETCD_PREFIX", default_value = "/rollcall")]
+    pub etcd_prefix: String,
+
+    /// Longest an etcd call may take, moving between members included; then writes answer 503.
+    #[arg(long, env = "ROLLCALL_ETCD_TIMEOUT", default_value = "2s")]
+    pub etcd_timeout: String,
+
+    /// TCP connect timeout per etcd member.
+    #[arg(long, env = "ROLLCALL_ETCD_DIAL_TIMEOUT", default_value = "1s")]
+    pub etcd_dial_timeout: String,
+
+    /// How often this server's copy is compared with a full list from etcd (and repaired):
+    /// a safety net against lost watch events.
+    #[arg(long, env = "ROLLCALL_ETCD_RESYNC", default_value = "5m")]
+    pub etcd_resync: String,
 }
 
 #[derive(Args, Debug, Clone)]

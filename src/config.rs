@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub max_waits_per_client: usize,
     /// UDP response rate limiting.
     pub rate_limit: crate::dns::rrl::RateLimitConfig,
+    /// etcd mode (None: the embedded single server).
+    pub etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +147,7 @@ impl ServeConfig {
         if max_wait.is_zero() {
             return Err(err("--max-wait must be more than 0"));
         }
+        let etcd = parse_etcd(&a)?;
         let token = read_token(a.token, a.token_file.as_ref())?;
         let dns_threads = match a.dns_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -159,6 +162,7 @@ impl ServeConfig {
             .collect();
         let rate_limit_exempt = parse_nets("rate-limit-exempt", &exempt)?;
         Ok(ServeConfig {
+            etcd,
             dns_listen: parse_addr("dns-listen", &a.dns_listen)?,
             http_listen: parse_addr("http-listen", &a.http_listen)?,
             zone,
@@ -217,8 +221,65 @@ impl ServeConfig {
             max_wait: crate::api::MAX_WAIT,
             max_waits_per_client: crate::api::MAX_WAITERS_PER_CLIENT,
             rate_limit: crate::dns::rrl::RateLimitConfig::default(),
+            etcd: None,
         }
     }
+}
+
+fn parse_duration_flag(flag: &str, s: &str) -> Result<std::time::Duration, ConfigError> {
+    let d = crate::api::parse_wait(s).map_err(|_| {
+        err(format!(
+            "--{flag} {s:?} is not a duration: use e.g. 2s, 500ms or 5m"
+        ))
+    })?;
+    if d.is_zero() {
+        return Err(err(format!("--{flag} must be more than 0")));
+    }
+    Ok(d)
+}
+
+fn parse_etcd(a: &ServeArgs) -> Result<Option<crate::etcd::EtcdConfig>, ConfigError> {
+    let endpoints: Vec<String> = a
+        .etcd
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let url = if s.contains("://") {
+                s.to_owned()
+            } else {
+                format!("http://{s}")
+            };
+            match reqwest::Url::parse(&url) {
+                Ok(u) if u.scheme() == "http" && u.host().is_some() => {
+                    Ok(url.trim_end_matches('/').to_owned())
+                }
+                Ok(u) if u.scheme() == "https" => Err(err(format!(
+                    "--etcd {s:?}: this build speaks plain HTTP to etcd only; reach etcd over a trusted network or a local TLS proxy"
+                ))),
+                _ => Err(err(format!(
+                    "--etcd {s:?} is not an etcd client URL: use e.g. http://127.0.0.1:2379"
+                ))),
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let prefix = a.etcd_prefix.trim_end_matches('/').to_owned();
+    if !prefix.starts_with('/') || prefix.contains("//") {
+        return Err(err(format!(
+            "--etcd-prefix {:?} must start with / (e.g. /rollcall)",
+            a.etcd_prefix
+        )));
+    }
+    Ok(Some(crate::etcd::EtcdConfig {
+        endpoints,
+        prefix,
+        timeout: parse_duration_flag("etcd-timeout", &a.etcd_timeout)?,
+        dial_timeout: parse_duration_flag("etcd-dial-timeout", &a.etcd_dial_timeout)?,
+        resync: parse_duration_flag("etcd-resync", &a.etcd_resync)?,
+    }))
 }
 
 /// The zone as a host name: lower case, without the final dot.

@@ -4,6 +4,7 @@
 //! - [`cli`]: raw flags; [`config`]: validated settings built once from them;
 //! - [`registry`]: the single owner of registrations (leases, expiry, index, change feed);
 //! - [`journal`]: the embedded registry owner's log in the data directory;
+//! - [`etcd`]: etcd mode (several servers): client, mirror, link state;
 //! - [`dns`]: snapshot, query path, UDP and TCP transports, zone files;
 //! - [`api`]: the HTTP API (axum);
 //! - [`server`]: `rollcall serve`, wiring the above together;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dns;
+pub mod etcd;
 pub mod fuzz;
 pub mod hipache;
 pub mod journal;

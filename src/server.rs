@@ -165,14 +165,27 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     };
     let builder = Arc::new(Mutex::new(Builder::new(settings, statics)));
     let cell = builder.lock().unwrap().cell();
-    let (registry, registry_task) = Registry::start_at(
-        journal,
-        loaded,
-        Box::new(builder.clone()),
-        config.limits.clone(),
-        shutdown.clone(),
-        crate::clock::unix_ms(),
-    );
+    let (registry, registry_task) = match &config.etcd {
+        Some(etcd) => {
+            tracing::info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "etcd mode: registrations live in etcd, shared with every server on it");
+            Registry::start_etcd(
+                etcd.clone(),
+                journal,
+                loaded,
+                Box::new(builder.clone()),
+                config.limits.clone(),
+                shutdown.clone(),
+            )
+        }
+        None => Registry::start_at(
+            journal,
+            loaded,
+            Box::new(builder.clone()),
+            config.limits.clone(),
+            shutdown.clone(),
+            crate::clock::unix_ms(),
+        ),
+    };
 
     let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();
     let dns_stats = Arc::new(crate::metrics::DnsStats::default());

@@ -11,6 +11,8 @@ use crate::registry::RegistryError;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -18,7 +20,12 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+    pub fn retry_after(mut self, secs: u32) -> ApiError {
+        self.retry_after = Some(secs);
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -38,6 +45,9 @@ impl From<RegistryError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "rollcall is shutting down: retry shortly",
             ),
+            RegistryError::Unavailable(ref why) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why.clone()).retry_after(1)
+            }
             RegistryError::Storage(ref detail) => {
                 tracing::error!(error = %detail, "registration could not be stored");
                 ApiError::new(
@@ -51,10 +61,15 @@ impl From<RegistryError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }

@@ -209,6 +209,7 @@ const PAGE_NODES: usize = 2_000;
         roles_list,
         role_get,
         healthz,
+        readyz,
         metrics
     ),
     components(schemas(RegisterBody, NodeOut, RolesOut, RoleOut, ErrorBody, Health))
@@ -255,6 +256,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/", get(page))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -848,6 +850,25 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError
     }))
 }
 
+/// Ready: this server takes writes and holds a full copy of the registrations. In etcd mode
+/// 503 while etcd is unreachable or has no leader (DNS still answers the last known set);
+/// the embedded server is ready while it runs. For load balancers in front of the API;
+/// `/healthz` says whether the process serves at all.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Ready", body = Health), (status = 503, description = "Not ready, with the reason", body = ErrorBody)))]
+async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    state
+        .registry
+        .ready()
+        .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why).retry_after(1))?;
+    let view = state.registry.view()?;
+    Ok(Json(Health {
+        status: "ready".into(),
+        index: view.index,
+        roles: view.role_counts().len(),
+    }))
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
         (status = 401, description = "Token required (--token-reads)", body = ErrorBody),
@@ -855,13 +876,16 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (index, roles) = state.registry.roles().await?;
     let roles: Vec<(String, usize)> = roles.into_iter().map(|(r, n)| (r.to_string(), n)).collect();
-    let text = crate::metrics::render(
+    let mut text = crate::metrics::render(
         &state.dns_stats,
         state.registry.counters(),
         &state.api_metrics,
         index,
         &roles,
     );
+    if let Some(link) = state.registry.etcd_link() {
+        link.render(&mut text);
+    }
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

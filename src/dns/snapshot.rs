@@ -441,6 +441,8 @@ pub struct Builder {
     roles: HashMap<Box<[u8]>, Arc<RoleData>>,
     statics: Vec<StaticZone>,
     serial: u32,
+    /// etcd mode: the serial is `base + index`, the same on every server.
+    serial_base: Option<u32>,
     index: u64,
     out: Arc<ArcSwap<Snapshot>>,
 }
@@ -454,6 +456,7 @@ impl Builder {
             roles: HashMap::new(),
             statics,
             serial: 0,
+            serial_base: None,
             index: 0,
             out: Arc::new(ArcSwap::from_pointee(Snapshot {
                 zones: Vec::new(),
@@ -494,7 +497,17 @@ impl Builder {
         self.publish_now();
     }
 
+    /// The SOA serial becomes `base + index` from now on.
+    pub fn set_serial_base(&mut self, base: u32) {
+        self.serial_base = Some(base);
+        self.publish_now();
+    }
+
     fn next_serial(&mut self) -> u32 {
+        if let Some(base) = self.serial_base {
+            self.serial = base.wrapping_add(self.index as u32);
+            return self.serial;
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as u32)
@@ -589,6 +602,11 @@ impl Publish for Arc<Mutex<Builder>> {
         self.lock()
             .unwrap_or_else(|p| p.into_inner())
             .update_roles(index, changed);
+    }
+    fn set_serial_base(&mut self, base: u32) {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_serial_base(base);
     }
 }
 

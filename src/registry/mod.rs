@@ -15,6 +15,7 @@
 //!
 //! The registry does no network IO and knows nothing of DNS wire formats or JSON.
 
+mod etcd;
 pub mod model;
 mod table;
 mod writer;
@@ -39,6 +40,10 @@ pub trait Publish: Send + 'static {
     /// `changed` lists each changed role with its full, current node set (empty: role gone).
     /// `index` is the registry's new generation index.
     fn publish(&mut self, index: u64, changed: &[RoleView<'_>]);
+
+    /// From now on the zone's SOA serial is `base + index` (wrapping), the same on every
+    /// server that shares the index (etcd mode). Default: ignored.
+    fn set_serial_base(&mut self, _base: u32) {}
 }
 
 /// A role's current nodes, borrowed from the table for the duration of a publish.
@@ -249,6 +254,8 @@ pub struct Registry {
     view: Arc<ArcSwap<View>>,
     index: watch::Receiver<u64>,
     counters: Arc<RegistryCounters>,
+    /// etcd mode: the link to etcd.
+    link: Option<Arc<crate::etcd::Link>>,
 }
 
 impl Registry {
@@ -295,9 +302,86 @@ impl Registry {
                 view,
                 index,
                 counters,
+                link: None,
             },
             handle,
         )
+    }
+
+    /// Starts the etcd owner and its mirror: etcd is the truth, `loaded` (the data dir's last
+    /// copy) is served until the first list from etcd replaces it.
+    pub fn start_etcd(
+        cfg: crate::etcd::EtcdConfig,
+        journal: Box<dyn Journal>,
+        loaded: Loaded,
+        publisher: Box<dyn Publish>,
+        limits: Limits,
+        shutdown: CancellationToken,
+    ) -> (Registry, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let counters = Arc::new(RegistryCounters::default());
+        let (table, view, index) = table::Table::new(publisher, 0);
+        let client = Arc::new(crate::etcd::client::Client::new(
+            cfg.endpoints.clone(),
+            cfg.timeout,
+            cfg.dial_timeout,
+        ));
+        let link = Arc::new(crate::etcd::Link::default());
+        let _ = link.client.set(client.clone());
+        let (mirror_tx, mirror_rx) = mpsc::channel(1024);
+        let mirror = crate::etcd::mirror::Mirror {
+            client: client.clone(),
+            cfg: cfg.clone(),
+            link: link.clone(),
+            tx: mirror_tx,
+            shutdown: shutdown.clone(),
+        }
+        .spawn();
+        let parts = etcd::Parts {
+            client,
+            cfg,
+            link: link.clone(),
+            mirror: mirror_rx,
+        };
+        let owner = etcd::spawn(
+            table,
+            parts,
+            journal,
+            loaded,
+            limits,
+            counters.clone(),
+            rx,
+            shutdown,
+        );
+        let handle = tokio::spawn(async move {
+            let _ = owner.await;
+            let _ = mirror.await;
+        });
+        (
+            Registry {
+                tx,
+                view,
+                index,
+                counters,
+                link: Some(link),
+            },
+            handle,
+        )
+    }
+
+    /// The link to etcd, in etcd mode.
+    pub fn etcd_link(&self) -> Option<&Arc<crate::etcd::Link>> {
+        self.link.as_ref()
+    }
+
+    /// Whether this server can take writes and has a full copy (`/readyz`).
+    pub fn ready(&self) -> Result<(), String> {
+        self.open()
+            .map_err(|_| "not ready: shutting down".to_owned())?;
+        match &self.link {
+            Some(link) => link.ready(),
+            None => Ok(()),
+        }
     }
 
     async fn call<T>(

@@ -124,4 +124,7 @@ pub enum RegistryError {
     Closed,
     #[error("storage failed: {0}")]
     Storage(String),
+    /// etcd mode: etcd is unreachable or has no quorum; nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -134,10 +134,21 @@ impl Table {
     /// Publishes the roles that changed since the last flush: a new index, the DNS builder,
     /// then a new view for readers, then the index watch. Returns whether anything changed.
     pub fn flush(&mut self) -> bool {
+        let next = self.index + 1;
+        self.flush_at(next)
+    }
+
+    /// [`Table::flush`] at a given index (the etcd owner's: the revision of the change). The
+    /// index never goes backwards: one at or below the current one publishes at current + 1.
+    pub fn flush_at(&mut self, index: u64) -> bool {
         if self.dirty.is_empty() {
             return false;
         }
-        self.index += 1;
+        self.index = if index > self.index {
+            index
+        } else {
+            self.index + 1
+        };
         let dirty = std::mem::take(&mut self.dirty);
         let views: Vec<RoleView<'_>> = dirty
             .iter()
@@ -193,6 +204,11 @@ impl Table {
         }
         self.index_tx.send_replace(self.index);
         true
+    }
+
+    /// The SOA serial becomes `base + index` (etcd mode: the same on every server).
+    pub fn set_serial_base(&mut self, base: u32) {
+        self.publisher.set_serial_base(base);
     }
 
     /// Wakes every blocking query (the owner is gone: they answer 503).
