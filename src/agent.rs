@@ -45,6 +45,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the DELETE on the way out: a server that is away cannot be helped.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// With several `--api` servers: a request slower than this moves on to the next server.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
 /// In PUT-renewal mode, how often to try for a session again.
 const SESSION_RETRY: Duration = Duration::from_secs(30);
 /// Longest wait for one health check.
@@ -165,11 +167,48 @@ pub fn default_node_name() -> Result<Label, String> {
     })
 }
 
+/// One `--api` URL, validated (plain http, a host, no query), without a trailing `/`.
+pub fn api_url(api: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(api).map_err(|e| {
+        format!(
+            "--api {:?} is not a URL ({e}): use e.g. http://127.0.0.1:8053",
+            api
+        )
+    })?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "--api {:?}: this build speaks plain HTTP only; reach rollcall over a \
+                     private network or a local TLS-terminating proxy",
+                api
+            ))
+        }
+        other => {
+            return Err(format!(
+                "--api {:?} has the scheme {other:?}: use http://HOST:PORT",
+                api
+            ))
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("--api {:?} has no host", api));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "--api {:?}: give the base URL only, without ?query or #fragment",
+            api
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
 /// Everything `rollcall register` was asked to do, validated.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Base URL of the API, without a trailing slash (`http://127.0.0.1:8053`).
-    pub api: String,
+    /// Base URLs of the API servers, without a trailing slash (`http://127.0.0.1:8053`), in
+    /// the order they are tried.
+    pub apis: Vec<String>,
     pub role: Label,
     pub node: Label,
     /// The PUT body.
@@ -183,38 +222,19 @@ pub struct Plan {
 
 impl Plan {
     pub fn from_args(a: RegisterArgs) -> Result<Plan, String> {
-        let url = reqwest::Url::parse(&a.api).map_err(|e| {
-            format!(
-                "--api {:?} is not a URL ({e}): use e.g. http://127.0.0.1:8053",
-                a.api
-            )
-        })?;
-        match url.scheme() {
-            "http" => {}
-            "https" => {
-                return Err(format!(
-                    "--api {:?}: this build speaks plain HTTP only; reach rollcall over a \
-                     private network or a local TLS-terminating proxy",
-                    a.api
-                ))
-            }
-            other => {
-                return Err(format!(
-                    "--api {:?} has the scheme {other:?}: use http://HOST:PORT",
-                    a.api
-                ))
-            }
+        let apis = a
+            .api
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(api_url)
+            .collect::<Result<Vec<_>, _>>()?;
+        if apis.is_empty() {
+            return Err(
+                "--api is empty: give the URL of a rollcall server, e.g. http://127.0.0.1:8053"
+                    .into(),
+            );
         }
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err(format!("--api {:?} has no host", a.api));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(format!(
-                "--api {:?}: give the base URL only, without ?query or #fragment",
-                a.api
-            ));
-        }
-        let api = url.as_str().trim_end_matches('/').to_owned();
 
         let role = Label::parse(&a.role).map_err(|e| format!("--role {:?} {e}", a.role))?;
         let node = match &a.node {
@@ -261,7 +281,7 @@ impl Plan {
             return Err("the command after -- is empty".into());
         }
         Ok(Plan {
-            api,
+            apis,
             role,
             node,
             body,
@@ -273,13 +293,26 @@ impl Plan {
         })
     }
 
-    fn node_url(&self) -> String {
-        format!("{}/v1/roles/{}/nodes/{}", self.api, self.role, self.node)
+    fn node_url(&self, api: &str) -> String {
+        format!("{}/v1/roles/{}/nodes/{}", api, self.role, self.node)
     }
 
-    fn session_url(&self) -> String {
+    fn session_url(&self, api: &str) -> String {
         // `api` starts with http://, checked in from_args.
-        format!("ws{}/session", &self.node_url()["http".len()..])
+        format!("ws{}/session", &self.node_url(api)["http".len()..])
+    }
+
+    /// Several servers: a silent one is left quickly, and requests time out sooner.
+    fn failover(&self) -> bool {
+        self.apis.len() > 1
+    }
+
+    fn request_timeout(&self) -> Duration {
+        if self.failover() {
+            FAILOVER_TIMEOUT
+        } else {
+            REQUEST_TIMEOUT
+        }
     }
 
     fn ttl(&self) -> Duration {
@@ -480,6 +513,8 @@ struct Keeper {
     /// A session given up on while the server may still hold it: closed only after the next
     /// session is open, so that its late close cannot remove the node in between.
     stale: Option<Ws>,
+    /// The server in use (an index into `plan.apis`).
+    at: usize,
 }
 
 impl Keeper {
@@ -490,7 +525,22 @@ impl Keeper {
             state: State::Starting,
             registered: false,
             stale: None,
+            at: 0,
         }
+    }
+
+    fn api(&self) -> &str {
+        &self.plan.apis[self.at]
+    }
+
+    /// Moves to the next server (with several), saying why.
+    fn move_on(&mut self, why: &str) {
+        if !self.plan.failover() {
+            return;
+        }
+        let from = self.at;
+        self.at = (self.at + 1) % self.plan.apis.len();
+        tracing::warn!(from = %self.plan.apis[from], to = %self.api(), "moving to the next rollcall server ({why})");
     }
 
     fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -521,11 +571,11 @@ impl Keeper {
                 "check fails ({detail}): not registered until it passes again"
             ),
             State::Retrying => tracing::warn!(
-                api = %p.api,
+                api = %p.apis[self.at],
                 "cannot register ({detail}); retrying with backoff"
             ),
             State::Rejected => tracing::error!(
-                api = %p.api,
+                api = %p.apis[self.at],
                 "the server refused the registration ({detail}); retrying every {}s at most \
                  — fix the flags or the server's settings",
                 REJECTED_CAP.as_secs()
@@ -544,12 +594,29 @@ impl Keeper {
         }
     }
 
+    /// PUTs to the current server, then to each other one while they fail (a pass).
     async fn put(&mut self) -> Result<String, PutError> {
+        let mut result = self.put_once().await;
+        for _ in 1..self.plan.apis.len() {
+            match &result {
+                Err(PutError::Retry(why)) => {
+                    let why = why.clone();
+                    self.move_on(&why);
+                    result = self.put_once().await;
+                }
+                _ => break,
+            }
+        }
+        result
+    }
+
+    async fn put_once(&mut self) -> Result<String, PutError> {
         // Until the answer is in, the PUT may have landed (even if this future is dropped).
         let before = self.registered;
         self.registered = true;
         let req = self
-            .auth(self.http.put(self.plan.node_url()))
+            .auth(self.http.put(self.plan.node_url(self.api())))
+            .timeout(self.plan.request_timeout())
             .json(&self.plan.body);
         let resp = match req.send().await {
             Ok(r) => r,
@@ -582,8 +649,24 @@ impl Keeper {
     }
 
     async fn deregister(&mut self) {
+        // The current server first, then the others: one that answers is enough.
+        for _ in 1..self.plan.apis.len() {
+            let req = self
+                .auth(self.http.delete(self.plan.node_url(self.api())))
+                .timeout(DEREGISTER_TIMEOUT);
+            match req.send().await {
+                Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => {
+                    tracing::info!(role = %self.plan.role, node = %self.plan.node, "deregistered");
+                    self.registered = false;
+                    return;
+                }
+                Ok(r) if !r.status().is_server_error() => break,
+                Ok(r) => self.move_on(&format!("HTTP {}", r.status())),
+                Err(e) => self.move_on(&chain(&e)),
+            }
+        }
         let req = self
-            .auth(self.http.delete(self.plan.node_url()))
+            .auth(self.http.delete(self.plan.node_url(self.api())))
             .timeout(DEREGISTER_TIMEOUT);
         match req.send().await {
             Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => {
@@ -606,7 +689,7 @@ impl Keeper {
     async fn open_session(&self) -> Result<Ws, SessionError> {
         let mut req = self
             .plan
-            .session_url()
+            .session_url(self.api())
             .into_client_request()
             .map_err(|e| SessionError::Unsupported(e.to_string()))?;
         if let Some(t) = &self.plan.token {
@@ -617,13 +700,20 @@ impl Keeper {
                 .insert(tungstenite::http::header::AUTHORIZATION, v);
         }
         let connect = tokio_tungstenite::connect_async_with_config(req, None, true);
-        match tokio::time::timeout(REQUEST_TIMEOUT, connect).await {
+        let limit = self.plan.request_timeout();
+        match tokio::time::timeout(limit, connect).await {
             Err(_) => Err(SessionError::Unreachable(format!(
-                "no session handshake within {REQUEST_TIMEOUT:?}"
+                "no session handshake within {limit:?}"
             ))),
             Ok(Ok((ws, _))) => Ok(ws),
             Ok(Err(tungstenite::Error::Http(resp))) if resp.status().as_u16() == 404 => {
                 Err(SessionError::NotFound)
+            }
+            Ok(Err(tungstenite::Error::Http(resp))) if resp.status().is_server_error() => {
+                Err(SessionError::Unreachable(format!(
+                    "the session request got HTTP {}",
+                    resp.status()
+                )))
             }
             Ok(Err(tungstenite::Error::Http(resp))) => Err(SessionError::Unsupported(format!(
                 "the session request got HTTP {}",
@@ -662,6 +752,9 @@ impl Keeper {
         let mut ticker = tokio::time::interval_at(Instant::now() + beat, beat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
+        // With several servers, a ping left unanswered until the next one is enough to move
+        // on: the lease (renewed by each answered ping) then still has a third of its ttl.
+        let mut pinged: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return HoldEnd::Stopped(ws),
@@ -671,12 +764,15 @@ impl Keeper {
                     }
                 }
                 _ = ticker.tick() => {
-                    if heard.elapsed() > self.plan.ttl() {
+                    if heard.elapsed() > self.plan.ttl()
+                        || (self.plan.failover() && pinged.is_some_and(|p| heard < p))
+                    {
                         return HoldEnd::Ended(
-                            format!("no answer from the server for {}s", heard.elapsed().as_secs()),
+                            format!("no answer from the server for {:.1}s", heard.elapsed().as_secs_f64()),
                             Some(ws),
                         );
                     }
+                    pinged = Some(Instant::now());
                     let ping = ws.send(Message::Ping(tungstenite::Bytes::new()));
                     match tokio::time::timeout(beat, ping).await {
                         Ok(Ok(())) => {}
@@ -794,6 +890,7 @@ impl Keeper {
                             }
                             HoldEnd::Ended(why, ws) => {
                                 self.stale = ws;
+                                self.move_on(&why);
                                 tracing::info!("session ended ({why}); registering again");
                                 // A session that keeps ending at once must not spin.
                                 if since.elapsed() < self.plan.ttl() {
@@ -816,6 +913,7 @@ impl Keeper {
                         continue;
                     }
                     Err(SessionError::Unreachable(why)) => {
+                        self.move_on(&why);
                         self.enter(State::Retrying, &why);
                         let wait = backoff.next(cap);
                         if let Wake::Stop = Self::pause(wait, &stop, &mut check).await {
@@ -956,7 +1054,7 @@ pub async fn run(args: RegisterArgs) -> Result<u8, (u8, String)> {
         .map_err(|e| (1, format!("cannot build the HTTP client: {e}")))?;
 
     tracing::info!(
-        api = %plan.api, role = %plan.role, node = %plan.node, ttl = plan.ttl,
+        api = %plan.apis.join(","), role = %plan.role, node = %plan.node, ttl = plan.ttl,
         check = %plan.check.as_ref().map(|c| c.to_string()).unwrap_or_default(),
         "rollcall register starting"
     );
@@ -1176,9 +1274,10 @@ mod tests {
         assert_eq!(p.role.as_str(), "appserver");
         assert_eq!(p.node.as_str(), "app1");
         assert_eq!(
-            p.session_url(),
+            p.session_url(&p.apis[0]),
             "ws://127.0.0.1:8053/v1/roles/appserver/nodes/app1/session"
         );
+        assert_eq!(p.apis, ["http://127.0.0.1:8053"]);
         assert_eq!(p.body["addr"], "10.0.0.7");
         assert_eq!(p.body["port"], 8080);
         assert_eq!(p.body["ttl"], 3);

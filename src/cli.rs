@@ -352,9 +352,16 @@ pub struct ServeArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RegisterArgs {
-    /// URL of the rollcall HTTP API.
-    #[arg(long, env = "ROLLCALL_API", default_value = "http://127.0.0.1:8053")]
-    pub api: String,
+    /// URL of the rollcall HTTP API; several (comma-separated or repeated) for servers that
+    /// share etcd: the agent sticks to one and moves to the next on a connect error, a 2 s
+    /// timeout, a 5xx or a silent session.
+    #[arg(
+        long,
+        env = "ROLLCALL_API",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8053"
+    )]
+    pub api: Vec<String>,
 
     /// Role to register under (a DNS label, e.g. appserver).
     #[arg(long, env = "ROLLCALL_ROLE")]
@@ -410,9 +417,15 @@ pub struct RegisterArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct HipacheArgs {
-    /// URL of the rollcall HTTP API.
-    #[arg(long, env = "ROLLCALL_API", default_value = "http://127.0.0.1:8053")]
-    pub api: String,
+    /// URL of the rollcall HTTP API; several (comma-separated or repeated) for servers that
+    /// share etcd: it follows one and moves to the next when that one fails.
+    #[arg(
+        long,
+        env = "ROLLCALL_API",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8053"
+    )]
+    pub api: Vec<String>,
 
     /// Role whose nodes are hipache's backends.
     #[arg(long, env = "ROLLCALL_ROLE", default_value = "frontserver")]
@@ -463,9 +476,15 @@ pub struct HipacheArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
-    /// URL of the rollcall HTTP API.
-    #[arg(long, env = "ROLLCALL_API", default_value = "http://127.0.0.1:8053")]
-    pub api: String,
+    /// URL of the rollcall HTTP API; several (comma-separated or repeated): the first that
+    /// answers is used.
+    #[arg(
+        long,
+        env = "ROLLCALL_API",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8053"
+    )]
+    pub api: Vec<String>,
 
     /// Show only this role.
     #[arg(long, env = "ROLLCALL_ROLE")]

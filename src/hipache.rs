@@ -56,8 +56,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Validated settings of `rollcall hipache-sync`.
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
-    /// `…/v1/roles/<role>` on the rollcall API.
+    /// `…/v1/roles/<role>` on the rollcall API (the first server's).
     pub role_url: Url,
+    /// The same on every `--api` server, in the order they are tried.
+    pub role_urls: Vec<Url>,
     pub api: String,
     pub role: Label,
     pub redis: redis::ConnectionInfo,
@@ -146,53 +148,66 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// `…/v1/roles/<role>` on one `--api` server, validated.
+fn role_url_of(api_s: &str, role: &Label) -> Result<Url, String> {
+    let mut api = Url::parse(api_s).map_err(|e| {
+        format!(
+            "--api {:?} is not a URL ({e}): use e.g. http://127.0.0.1:8053",
+            api_s
+        )
+    })?;
+    match api.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "--api {:?}: this build speaks plain http only; use http:// (put rollcall \
+                     on a private network or behind a TLS-terminating proxy on the same host)",
+                api_s
+            ))
+        }
+        s => {
+            return Err(format!(
+                "--api {:?} has scheme {s:?}: use http://host:port, e.g. http://127.0.0.1:8053",
+                api_s
+            ))
+        }
+    }
+    if api.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "--api {:?} has no host: use e.g. http://127.0.0.1:8053",
+            api_s
+        ));
+    }
+    if !api.path().ends_with('/') {
+        let p = format!("{}/", api.path());
+        api.set_path(&p);
+    }
+    api.set_query(None);
+    api.set_fragment(None);
+    api.join(&format!("v1/roles/{role}"))
+        .map_err(|e| format!("--api {:?}: {e}", api_s))
+}
+
 impl SyncConfig {
     /// Validates the flags; every error names the flag and what would be accepted.
     pub fn from_args(a: HipacheArgs) -> Result<SyncConfig, String> {
-        // rollcall API
-        let mut api = Url::parse(a.api.trim()).map_err(|e| {
-            format!(
-                "--api {:?} is not a URL ({e}): use e.g. http://127.0.0.1:8053",
-                a.api
-            )
-        })?;
-        match api.scheme() {
-            "http" => {}
-            "https" => {
-                return Err(format!(
-                    "--api {:?}: this build speaks plain http only; use http:// (put rollcall \
-                     on a private network or behind a TLS-terminating proxy on the same host)",
-                    a.api
-                ))
-            }
-            s => {
-                return Err(format!(
-                    "--api {:?} has scheme {s:?}: use http://host:port, e.g. http://127.0.0.1:8053",
-                    a.api
-                ))
-            }
-        }
-        if api.host_str().is_none_or(str::is_empty) {
-            return Err(format!(
-                "--api {:?} has no host: use e.g. http://127.0.0.1:8053",
-                a.api
-            ));
-        }
+        // rollcall API: one or more servers
         let role = Label::parse(a.role.trim()).map_err(|e| {
             format!(
                 "--role {:?} {e}: give the role the frontservers register under",
                 a.role
             )
         })?;
-        if !api.path().ends_with('/') {
-            let p = format!("{}/", api.path());
-            api.set_path(&p);
+        let mut role_urls = Vec::new();
+        for api_s in a.api.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            role_urls.push(role_url_of(api_s, &role)?);
         }
-        api.set_query(None);
-        api.set_fragment(None);
-        let role_url = api
-            .join(&format!("v1/roles/{role}"))
-            .map_err(|e| format!("--api {:?}: {e}", a.api))?;
+        let Some(role_url) = role_urls.first().cloned() else {
+            return Err(
+                "--api is empty: give the URL of a rollcall server, e.g. http://127.0.0.1:8053"
+                    .into(),
+            );
+        };
 
         // redis, with hipache's optional `#prefix`
         let raw = a.redis.trim();
@@ -267,7 +282,8 @@ impl SyncConfig {
             crate::config::read_token(a.token, a.token_file.as_ref()).map_err(|e| e.to_string())?;
         Ok(SyncConfig {
             role_url,
-            api: a.api.trim().to_owned(),
+            role_urls,
+            api: a.api.join(","),
             role,
             redis,
             redis_shown,
@@ -353,6 +369,7 @@ pub async fn run_with(cfg: SyncConfig, cancel: CancellationToken) -> Result<u8, 
         cfg: cfg.clone(),
         http,
         tx,
+        at: std::sync::atomic::AtomicUsize::new(0),
     };
     let follow_task = tokio::spawn(follower.run(cancel.clone()));
     let writer = Writer {
@@ -483,6 +500,8 @@ struct Follower {
     cfg: SyncConfig,
     http: reqwest::Client,
     tx: watch::Sender<Option<Wanted>>,
+    /// The `--api` server followed now (index into `cfg.role_urls`).
+    at: std::sync::atomic::AtomicUsize,
 }
 
 impl Follower {
@@ -525,6 +544,17 @@ impl Follower {
                 Err(e) => {
                     link.down(&self.cfg.api, &e);
                     index = None;
+                    let n = self.cfg.role_urls.len();
+                    if n > 1 {
+                        // Sticky: move on only when the server in use fails.
+                        use std::sync::atomic::Ordering::Relaxed;
+                        let at = (self.at.load(Relaxed) + 1) % n;
+                        self.at.store(at, Relaxed);
+                        tracing::warn!(to = %self.cfg.role_urls[at], "following the role on the next rollcall server");
+                        if at != 0 {
+                            continue; // back off only after a whole pass failed
+                        }
+                    }
                     if !pause(backoff.next_delay(), &cancel).await {
                         return;
                     }
@@ -535,7 +565,8 @@ impl Follower {
 
     /// Reads the role; with an index, waits (blocking query) until it changes past it.
     async fn fetch(&self, index: Option<u64>) -> Result<RoleOut, String> {
-        let mut url = self.cfg.role_url.clone();
+        let at = self.at.load(std::sync::atomic::Ordering::Relaxed);
+        let mut url = self.cfg.role_urls[at % self.cfg.role_urls.len()].clone();
         let timeout = match index {
             Some(i) => {
                 let wait = self.cfg.wait();

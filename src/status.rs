@@ -8,12 +8,42 @@ use crate::api::model::{NodeOut, RoleOut, RolesOut};
 use crate::cli::StatusArgs;
 
 pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
-    let api = args.api.trim_end_matches('/').to_owned();
-    if !api.starts_with("http://") && !api.starts_with("https://") {
+    let apis: Vec<String> = args
+        .api
+        .iter()
+        .map(|a| a.trim().trim_end_matches('/').to_owned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if let Some(api) = apis
+        .iter()
+        .find(|a| !a.starts_with("http://") && !a.starts_with("https://"))
+    {
         return Err((
             2,
             format!("--api {api:?} is not an http:// URL (e.g. http://127.0.0.1:8053)"),
         ));
+    }
+    let Some(first) = apis.first().cloned() else {
+        return Err((2, "--api is empty: give e.g. http://127.0.0.1:8053".into()));
+    };
+    // Several servers: the first that answers.
+    let mut api = first;
+    if apis.len() > 1 {
+        let probe = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| (1, e.to_string()))?;
+        for a in &apis {
+            if probe
+                .get(format!("{a}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                api = a.clone();
+                break;
+            }
+        }
     }
     let role = match &args.role {
         Some(r) => Some(
