@@ -581,7 +581,7 @@ impl Keeper {
                 REJECTED_CAP.as_secs()
             ),
             State::Session => tracing::info!(
-                role = %p.role, node = %p.node, addr = detail, ttl = p.ttl,
+                role = %p.role, node = %p.node, addr = detail, ttl = p.ttl, api = %p.apis[self.at],
                 "{}registered; holding a session (ping every {beat})",
                 if again { "server is back: " } else { "" }
             ),
@@ -891,6 +891,8 @@ impl Keeper {
                             HoldEnd::Ended(why, ws) => {
                                 self.stale = ws;
                                 self.move_on(&why);
+                                // The next session is news worth a log line.
+                                self.state = State::Starting;
                                 tracing::info!("session ended ({why}); registering again");
                                 // A session that keeps ending at once must not spin.
                                 if since.elapsed() < self.plan.ttl() {

@@ -42,8 +42,9 @@ use crate::registry::Label;
 
 /// Longest a write's reply waits for this server's copy to show it.
 const VISIBLE_WAIT: Duration = Duration::from_secs(1);
-/// How often the local copy is saved to the data dir (for a start while etcd is away).
-const SAVE_EVERY: Duration = Duration::from_secs(10);
+/// How often the local copy is saved to the data dir when it changed (for a start while etcd
+/// is away).
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// What the table holds about a node's place in etcd.
 #[derive(Clone, Copy, Debug, Default)]

@@ -3,6 +3,8 @@
 //! find the system tools the tests need (a missing tool is a failure, never a silent skip).
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -93,7 +95,11 @@ impl ServeProc {
             .arg("--zones")
             .arg(zones)
             .args(args)
-            .env("RUST_LOG", "info")
+            // TEST_RUST_LOG=debug shows the servers' debug logs in a failing test's output.
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
