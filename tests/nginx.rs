@@ -1210,3 +1210,72 @@ fn silent_network_loss_expires_with_its_ttl() {
         "the agent did not register again once the network was back"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Several rollcall servers over etcd.
+
+/// The topology the README recommends: a rollcall server beside nginx (its only `resolver`),
+/// sharing a three-member etcd cluster with two more servers that the agents register
+/// through. Killing both remote servers (`kill -9`) under load costs no request: the agents
+/// move to the surviving server within their lease, and the local server's DNS never loses a
+/// node.
+#[test]
+fn nginx_through_a_local_server_survives_killing_the_other_servers() {
+    require("nginx");
+    python();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = util::etcd::EtcdCluster::start(dir.path(), 3);
+    let local = util::etcd::serve(dir.path(), "local", &etcd.endpoints_from(0), &[]);
+    let mut remote: Vec<ServeProc> = (1..3)
+        .map(|i| util::etcd::serve(dir.path(), &format!("r{i}"), &etcd.endpoints_from(i), &[]))
+        .collect();
+    let ips: Vec<Ipv4Addr> = (2..=4).map(|n| Ipv4Addr::new(127, 0, 0, n)).collect();
+    let port = free_tcp_port(&ips);
+    let nginx = Nginx::start(&dir.path().join("nginx"), local.dns, port);
+    // Agents know every server, the remote ones first.
+    let apis = format!("{},{},{}", remote[0].api(), remote[1].api(), local.api());
+    let apps: Vec<App> = (2..=4).map(|n| App::start(&apis, n, port, &[])).collect();
+    for app in &apps {
+        assert!(eventually(Duration::from_secs(15), || app.answers(port)));
+        assert!(eventually(Duration::from_secs(5), || in_dns(
+            local.dns, &app.ip
+        )));
+    }
+    let url = format!("http://{}/hello/test", nginx.addr);
+    assert!(eventually(Duration::from_secs(10), || get(&client(), &url).is_ok()));
+
+    let load = Load::start(url, 2);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    for r in &mut remote {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // Longer than the agents' lease (3 s) twice over: they renew through the local server now.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(load.run_for(50));
+    let outcomes = load.finish();
+    let failed = failures(&outcomes, t0);
+    eprintln!(
+        "{} requests through nginx while both remote rollcall servers were killed: {} failed",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "requests failed: {failed:#?}");
+    assert!(
+        outcomes.len() >= 300,
+        "too few requests: {}",
+        outcomes.len()
+    );
+    let by = served_by(&outcomes[outcomes.len() / 2..]);
+    assert_eq!(
+        by.keys().cloned().collect::<Vec<_>>(),
+        ["app2", "app3", "app4"],
+        "every appserver still reached after the remote servers died: {by:?}"
+    );
+    let nodes = api_nodes(&local.api(), ROLE).unwrap();
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    drop(apps);
+    drop(etcd);
+}

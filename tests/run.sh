@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of rollcall: unit, in-process integration, and system tests against real
-# dig, nginx and redis-server. Installs the system packages the tests need when they are
+# dig, nginx, redis-server and etcd. Installs the system packages the tests need when they are
 # missing (apt-get, as root or through sudo). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,9 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 /usr/bin/python3 -c 'import bottle' >/dev/null 2>&1 || need+=(python3-bottle)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need+=(iproute2)
+# etcd mode's tests run a real 3-member cluster (Debian 12: etcd 3.4.23) and use etcdctl.
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}" >&2
