@@ -795,7 +795,8 @@ fn no_acknowledged_registration_is_lost_when_servers_crash() {
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(1500));
         let victim = round % 3;
-        signal_proc(&t.s[victim], libc::SIGKILL);
+        let _ = t.s[victim].child.kill(); // SIGKILL, reaped (its data dir lock goes with it)
+        let _ = t.s[victim].child.wait();
         let name = format!("s{victim}");
         let fresh = serve(t.dir.path(), &name, &t.etcd.endpoints_from(victim), &[]);
         urls.lock().unwrap()[victim] = fresh.api();
