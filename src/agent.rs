@@ -838,11 +838,21 @@ impl Keeper {
                 }
             }
 
-            // 2. Register.
-            let put = tokio::select! {
-                _ = stop.cancelled() => break,
-                r = self.put() => r,
+            // 2. Register. Asked to stop meanwhile: a PUT in flight may finish (bounded), so
+            // that whether it landed, not a guess, decides the deregistration and the drain.
+            let limit = self.plan.request_timeout();
+            let put = {
+                let fut = self.put();
+                tokio::pin!(fut);
+                tokio::select! {
+                    r = &mut fut => Some(r),
+                    _ = stop.cancelled() => {
+                        let _ = tokio::time::timeout(limit, &mut fut).await;
+                        None
+                    }
+                }
             };
+            let Some(put) = put else { break };
             let addr = match put {
                 Ok(addr) => addr,
                 Err(e) => {

@@ -192,6 +192,7 @@ pub enum LogFormat {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once
 pub enum Command {
     /// Run the server: authoritative DNS (UDP and TCP) and the HTTP registration API.
     Serve(ServeArgs),

@@ -330,7 +330,7 @@ impl Client {
                     last = why;
                     self.next_endpoint(i);
                     tried += 1;
-                    if tried % self.endpoints.len() == 0 {
+                    if tried.is_multiple_of(self.endpoints.len()) {
                         // A full pass failed: breathe before the next one.
                         tokio::time::sleep(
                             Duration::from_millis(50).min(deadline - Instant::now().min(deadline)),

@@ -75,7 +75,8 @@ struct Ctx {
 
 fn unavailable(e: EtcdError) -> RegistryError {
     RegistryError::Unavailable(format!(
-        "{e}: nothing was changed; DNS keeps answering the last known set; retry shortly"
+        "{e}: the request is not acknowledged (repeating it is safe); DNS keeps answering the \
+         last known set; retry shortly"
     ))
 }
 
@@ -118,7 +119,7 @@ impl Ctx {
             .range(&k, &[], 0, 1)
             .await
             .map_err(unavailable)?;
-        Ok(r.kvs.first().and_then(|kv| cur_of(kv)))
+        Ok(r.kvs.first().and_then(cur_of))
     }
 
     async fn put(
@@ -368,13 +369,14 @@ pub(super) struct Parts {
     pub cfg: EtcdConfig,
     pub link: Arc<Link>,
     pub mirror: mpsc::Receiver<MirrorMsg>,
+    /// The data dir's local copy, and what it held at start.
+    pub journal: Box<dyn Journal>,
+    pub loaded: Loaded,
 }
 
 pub(super) fn spawn(
     table: Table,
     parts: Parts,
-    journal: Box<dyn Journal>,
-    loaded: Loaded,
     limits: Limits,
     counters: Arc<RegistryCounters>,
     rx: mpsc::Receiver<Command>,
@@ -397,10 +399,10 @@ pub(super) fn spawn(
         link: parts.link,
         limits,
         counters,
-        journal,
+        journal: parts.journal,
         unsaved: false,
     };
-    owner.restore(loaded.nodes);
+    owner.restore(parts.loaded.nodes);
     tokio::spawn(owner.run(rx, parts.mirror, shutdown))
 }
 
@@ -523,6 +525,11 @@ impl Owner {
                 tracing::warn!(error = %e, "could not save the local copy of the registrations (only used to start while etcd is away)")
             }
         }
+    }
+
+    #[cfg(test)]
+    fn table_index(&self) -> u64 {
+        self.table.index()
     }
 
     fn cur(&self, key: &NodeKey) -> Option<Cur> {
@@ -762,6 +769,231 @@ impl Owner {
                 RegistryCounters::inc(&self.counters.deregistrations);
                 tracing::info!(role = %key.role, node = %key.node, addr = %e.spec.addr, "removed (deregistered, expired or session closed)");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The owner's side of the mirror, fed synthetic messages: what etcd would send, in
+    //! order, with re-lists and verifications in between (the real mirror and etcd are
+    //! covered by tests/etcd.rs).
+    use super::*;
+    use crate::journal::MemoryJournal;
+    use std::collections::BTreeMap;
+
+    struct NoDns;
+    impl crate::registry::Publish for NoDns {
+        fn publish(&mut self, _: u64, _: &[crate::registry::RoleView<'_>]) {}
+    }
+
+    fn cfg() -> EtcdConfig {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:9".into()],
+            prefix: "/rollcall".into(),
+            timeout: Duration::from_secs(1),
+            dial_timeout: Duration::from_secs(1),
+            resync: Duration::from_secs(300),
+        }
+    }
+
+    fn owner() -> Owner {
+        let (table, _, _) = Table::new(Box::new(NoDns), 0);
+        let (applied_tx, applied_rx) = watch::channel(0);
+        let cfg = cfg();
+        let client = Arc::new(Client::new(
+            cfg.endpoints.clone(),
+            cfg.timeout,
+            cfg.dial_timeout,
+        ));
+        let counters = Arc::new(RegistryCounters::default());
+        Owner {
+            ctx: Arc::new(Ctx {
+                client,
+                cfg,
+                counters: counters.clone(),
+                applied: applied_rx,
+                epoch: table.epoch,
+                min_ttl: AtomicU32::new(1),
+            }),
+            table,
+            held: HashMap::new(),
+            applied_tx,
+            link: Arc::new(Link::default()),
+            limits: Limits::default(),
+            counters,
+            journal: Box::new(MemoryJournal),
+            unsaved: false,
+        }
+    }
+
+    fn kv(node: &str, last_octet: u8, rev: i64, lease: i64) -> Kv {
+        let spec = NodeSpec {
+            addr: std::net::Ipv4Addr::new(10, 0, 0, last_octet).into(),
+            port: None,
+            service: Label::parse("http").unwrap(),
+            ttl: 30,
+            weight: 1,
+            meta: Default::default(),
+        };
+        Kv {
+            key: format!("/rollcall/v1/nodes/app/{node}").into_bytes(),
+            create_revision: rev,
+            mod_revision: rev,
+            value: NodeValue::new(&spec, 0, "put").encode(),
+            lease,
+        }
+    }
+
+    fn put_ev(node: &str, last_octet: u8, rev: i64) -> crate::etcd::client::Event {
+        crate::etcd::client::Event {
+            kind: String::new(),
+            kv: kv(node, last_octet, rev, 7),
+        }
+    }
+
+    fn del_ev(node: &str, rev: i64) -> crate::etcd::client::Event {
+        crate::etcd::client::Event {
+            kind: "DELETE".into(),
+            kv: Kv {
+                key: format!("/rollcall/v1/nodes/app/{node}").into_bytes(),
+                mod_revision: rev,
+                ..Kv::default()
+            },
+        }
+    }
+
+    /// The table's nodes: name -> last address octet.
+    fn nodes(o: &Owner) -> BTreeMap<String, u8> {
+        o.table
+            .iter()
+            .map(|(_, n, e)| {
+                let std::net::IpAddr::V4(a) = e.spec.addr else {
+                    panic!()
+                };
+                (n.to_string(), a.octets()[3])
+            })
+            .collect()
+    }
+
+    fn feed(o: &mut Owner, m: MirrorMsg) {
+        let now = Instant::now();
+        if let Some(r) = o.apply(m, now) {
+            o.table.flush_at(r as u64);
+        }
+    }
+
+    #[test]
+    fn list_events_and_verification_repair_what_a_lost_event_left() {
+        let mut o = owner();
+        feed(
+            &mut o,
+            MirrorMsg::Listed {
+                revision: 10,
+                kvs: vec![kv("a", 1, 5, 7), kv("b", 2, 6, 7)],
+                why: crate::etcd::Relist::Start,
+            },
+        );
+        assert_eq!(
+            nodes(&o),
+            BTreeMap::from([("a".into(), 1), ("b".into(), 2)])
+        );
+        feed(
+            &mut o,
+            MirrorMsg::Events(vec![
+                put_ev("c", 3, 11),
+                del_ev("a", 12),
+                put_ev("b", 22, 13),
+            ]),
+        );
+        assert_eq!(
+            nodes(&o),
+            BTreeMap::from([("b".into(), 22), ("c".into(), 3)])
+        );
+        assert_eq!(o.table_index(), 13);
+        // A lost DELETE of c and a lost PUT of d: the verification list at 13 repairs both.
+        feed(
+            &mut o,
+            MirrorMsg::Verify {
+                revision: 13,
+                kvs: vec![kv("b", 22, 13, 7), kv("d", 4, 9, 7)],
+            },
+        );
+        assert_eq!(
+            nodes(&o),
+            BTreeMap::from([("b".into(), 22), ("d".into(), 4)])
+        );
+        assert_eq!(o.link.repairs.load(Relaxed), 2);
+        assert!(
+            o.table_index() > 13,
+            "a repair is a visible change: the index moves on"
+        );
+        // Nothing differs: nothing counted, nothing published.
+        let before = o.table_index();
+        feed(
+            &mut o,
+            MirrorMsg::Verify {
+                revision: 13,
+                kvs: vec![kv("b", 22, 13, 7), kv("d", 4, 9, 7)],
+            },
+        );
+        assert_eq!(o.link.repairs.load(Relaxed), 2);
+        assert_eq!(o.table_index(), before);
+        // Keys outside our layout are ignored, never a panic.
+        let mut junk = put_ev("x", 9, 20);
+        junk.kv.key = b"/rollcall/v1/nodes/bad key/x".to_vec();
+        let mut bad_value = put_ev("y", 9, 21);
+        bad_value.kv.value = b"not json".to_vec();
+        feed(&mut o, MirrorMsg::Events(vec![junk, bad_value]));
+        assert_eq!(nodes(&o).len(), 2);
+        assert_eq!(o.link.dropped_events.load(Relaxed), 2);
+    }
+
+    proptest::proptest! {
+        /// Whatever mix of changes, re-lists and verifications arrives (in revision order, as
+        /// the mirror sends them), the table ends equal to etcd's state and its index at the
+        /// last revision.
+        #[test]
+        fn the_table_follows_etcd(ops in proptest::collection::vec((0u8..6, 0u8..8, 1u8..250), 1..120)) {
+            let mut o = owner();
+            let mut model: BTreeMap<String, (u8, i64)> = BTreeMap::new();
+            let mut rev = 1i64;
+            let mut pending = Vec::new();
+            feed(&mut o, MirrorMsg::Listed { revision: 1, kvs: vec![], why: crate::etcd::Relist::Start });
+            for (op, node, octet) in ops {
+                let name = format!("n{node}");
+                match op {
+                    0..=2 => {
+                        rev += 1;
+                        model.insert(name.clone(), (octet, rev));
+                        pending.push(put_ev(&name, octet, rev));
+                    }
+                    3 => {
+                        if model.remove(&name).is_some() {
+                            rev += 1;
+                            pending.push(del_ev(&name, rev));
+                        }
+                    }
+                    4 => {
+                        // a watch response: the events so far, in one batch
+                        feed(&mut o, MirrorMsg::Events(std::mem::take(&mut pending)));
+                    }
+                    _ => {
+                        // the watch broke and compaction forced a re-list: the pending events
+                        // are never delivered, the list replaces them
+                        pending.clear();
+                        let kvs = model.iter().map(|(n, (oc, r))| kv(n, *oc, *r, 7)).collect();
+                        feed(&mut o, MirrorMsg::Listed { revision: rev, kvs, why: crate::etcd::Relist::Compacted });
+                    }
+                }
+            }
+            feed(&mut o, MirrorMsg::Events(std::mem::take(&mut pending)));
+            let want: BTreeMap<String, u8> = model.iter().map(|(n, (oc, _))| (n.clone(), *oc)).collect();
+            proptest::prop_assert_eq!(nodes(&o), want);
+            // A verification at the end finds nothing to repair.
+            let kvs = model.iter().map(|(n, (oc, r))| kv(n, *oc, *r, 7)).collect();
+            feed(&mut o, MirrorMsg::Verify { revision: rev, kvs });
+            proptest::prop_assert_eq!(o.link.repairs.load(Relaxed), 0);
         }
     }
 }

@@ -342,17 +342,10 @@ impl Registry {
             cfg,
             link: link.clone(),
             mirror: mirror_rx,
-        };
-        let owner = etcd::spawn(
-            table,
-            parts,
             journal,
             loaded,
-            limits,
-            counters.clone(),
-            rx,
-            shutdown,
-        );
+        };
+        let owner = etcd::spawn(table, parts, limits, counters.clone(), rx, shutdown);
         let handle = tokio::spawn(async move {
             let _ = owner.await;
             let _ = mirror.await;

@@ -74,6 +74,11 @@ impl Table {
         (table, view, index_rx)
     }
 
+    #[cfg(test)]
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
     pub fn total(&self) -> usize {
         self.total
     }
