@@ -6,10 +6,12 @@
 //!    three; p50 / p99 / max over 300 registrations;
 //! 2. renewals per second through one server (unchanged PUTs, 8 clients): etcd mode vs the
 //!    embedded server, run alternately three times, medians;
-//! 3. DNS queries per second on one core (`--dns-threads 1`, dnsperf): etcd mode vs embedded,
+//! 3. DNS queries per second on one core (one UDP thread, as the tests' servers run; dnsperf): etcd mode vs embedded,
 //!    alternately three times, medians (the same snapshot path: expect no difference);
 //! 4. a new server joining a cluster that holds 10,000 nodes: start until `/readyz` is 200
-//!    and its DNS answers the last node.
+//!    and its DNS answers the last node;
+//! 5. a silent node (ttl 2 s) until it is gone from all three servers, and the same with the
+//!    etcd leader killed right after its last renewal.
 //!
 //! Real processes on loopback: a three-member etcd cluster (heartbeat 50 ms, election 500 ms,
 //! --unsafe-no-fsync as in the tests) and the release binary. Prints a table; asserts nothing.
@@ -45,6 +47,21 @@ fn put(client: &reqwest::blocking::Client, api: &str, role: &str, node: &str, ip
     client
         .put(format!("{api}/v1/roles/{role}/nodes/{node}"))
         .body(format!(r#"{{"addr":"{ip}","ttl":600}}"#))
+        .send()
+        .map_or(0, |r| r.status().as_u16())
+}
+
+fn put_ttl(
+    client: &reqwest::blocking::Client,
+    api: &str,
+    role: &str,
+    node: &str,
+    ip: &str,
+    ttl: u32,
+) -> u16 {
+    client
+        .put(format!("{api}/v1/roles/{role}/nodes/{node}"))
+        .body(format!(r#"{{"addr":"{ip}","ttl":{ttl}}}"#))
         .send()
         .map_or(0, |r| r.status().as_u16())
 }
@@ -111,14 +128,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdCluster::start(dir.path(), 3);
     let servers: Vec<ServeProc> = (0..3)
-        .map(|i| {
-            serve(
-                dir.path(),
-                &format!("s{i}"),
-                &etcd.endpoints_from(i),
-                &["--dns-threads", "1"],
-            )
-        })
+        .map(|i| serve(dir.path(), &format!("s{i}"), &etcd.endpoints_from(i), &[]))
         .collect();
     let client = http();
 
@@ -149,7 +159,7 @@ fn main() {
     let embedded = ServeProc::start(
         &dir.path().join("embedded"),
         &dir.path().join("no-zones"),
-        &["--dns-threads", "1"],
+        &[],
     );
     let (mut r_etcd, mut r_emb) = (Vec::new(), Vec::new());
     for _ in 0..reps {
@@ -185,11 +195,9 @@ fn main() {
     }
 
     // 4. A new server joining a cluster with `big` nodes.
-    let stop = Arc::new(AtomicUsize::new(0));
     let fillers: Vec<_> = (0..8)
         .map(|t| {
             let apis: Vec<String> = servers.iter().map(|s| s.api()).collect();
-            let stop = stop.clone();
             std::thread::spawn(move || {
                 let client = http();
                 let mut i = t;
@@ -200,7 +208,6 @@ fn main() {
                     );
                     i += 8;
                 }
-                stop.fetch_add(1, Ordering::Relaxed);
             })
         })
         .collect();
@@ -211,7 +218,7 @@ fn main() {
     let joiner = ServeProc::start(
         &dir.path().join("joiner"),
         &dir.path().join("no-zones"),
-        &["--etcd", &etcd.endpoints(), "--dns-threads", "1"],
+        &["--etcd", &etcd.endpoints()],
     );
     let listening = t0.elapsed();
     assert!(eventually(Duration::from_secs(60), || {
@@ -226,6 +233,29 @@ fn main() {
         joiner.dns, &last
     )));
     let answering = t0.elapsed();
+
+    // 5. Expiry of a silent node: plain, and across an etcd leader change.
+    let mut etcd = etcd;
+    let mut silent = |node: &str, kill_leader: bool| -> Duration {
+        assert_eq!(
+            put_ttl(&client, &servers[0].api(), "exp", node, "10.9.9.9", 2),
+            200
+        );
+        let last = Instant::now();
+        if kill_leader {
+            let l = etcd.wait_leader(Duration::from_secs(5));
+            etcd.kill(l);
+        }
+        let name = format!("{node}.exp.cluster.");
+        let dnss: Vec<_> = servers.iter().map(|s| s.dns).collect();
+        while dnss.iter().any(|d| in_dns(*d, &name)) {
+            assert!(last.elapsed() < Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        last.elapsed()
+    };
+    let plain: Vec<Duration> = (0..reps).map(|i| silent(&format!("p{i}"), false)).collect();
+    let across = silent("l0", true);
 
     println!(
         "\netcd mode, 3 servers over a 3-member etcd cluster ({} run)",
@@ -261,6 +291,10 @@ fn main() {
     } else {
         println!("| DNS QPS | dnsperf not installed: not measured | | |");
     }
+    println!(
+        "\nsilent node (ttl 2 s) gone from all three servers after its last renewal: {plain:?}; \
+         with the etcd leader killed right after the renewal: {across:?}"
+    );
     println!(
         "\nnew server joining {big} nodes: listening after {listening:?}, /readyz 200 after {ready:?}, DNS has the last node after {answering:?}"
     );
