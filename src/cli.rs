@@ -333,6 +333,36 @@ pub struct ServeArgs {
     #[arg(long, env = "ROLLCALL_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
 
+    /// Forward names outside the served zones to upstream resolvers, like dnsmasq's `server=`:
+    /// `[DOMAIN=]ADDR[:PORT][,ADDR...]` (repeatable; `;` separates rules in the environment).
+    /// The most specific DOMAIN wins; no DOMAIN means every name; `DOMAIN=` with no address
+    /// means never forward names under DOMAIN. Unset: names outside our zones get REFUSED.
+    #[arg(long, env = "ROLLCALL_FORWARD", value_delimiter = ';')]
+    pub forward: Vec<String>,
+
+    /// Clients whose queries may be forwarded (repeatable; `none` for nobody); others get
+    /// REFUSED for names outside our zones and nothing is sent upstream. Never widened by
+    /// --allow-query. Default: loopback and the networks this host is directly connected to.
+    #[arg(long, env = "ROLLCALL_ALLOW_RECURSION", value_delimiter = ',')]
+    pub allow_recursion: Vec<String>,
+
+    /// Longest wait for one upstream before the next one is asked.
+    #[arg(long, env = "ROLLCALL_FORWARD_TIMEOUT", default_value = "1s")]
+    pub forward_timeout: String,
+
+    /// Longest a forwarded query may take over all upstreams; then SERVFAIL (so that the
+    /// client's resolver moves on quickly).
+    #[arg(long, env = "ROLLCALL_FORWARD_BUDGET", default_value = "2s")]
+    pub forward_budget: String,
+
+    /// Forwarded answers kept in the cache (0: no cache). TTLs are respected and count down.
+    #[arg(long, env = "ROLLCALL_FORWARD_CACHE", default_value_t = 10_000)]
+    pub forward_cache: usize,
+
+    /// Forwarded queries in flight at once; beyond, SERVFAIL (counted in /metrics).
+    #[arg(long, env = "ROLLCALL_FORWARD_MAX_INFLIGHT", default_value_t = 1_000)]
+    pub forward_max_inflight: usize,
+
     /// Key prefix in etcd (several rollcall clusters can share one etcd).
     #[arg(long, env = "ROLLCALL_ETCD_PREFIX", default_value = "/rollcall")]
     pub etcd_prefix: String,

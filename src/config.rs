@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub rate_limit: crate::dns::rrl::RateLimitConfig,
     /// etcd mode (None: the embedded single server).
     pub etcd: Option<crate::etcd::EtcdConfig>,
+    /// Forwarding of names outside our zones (None: REFUSED).
+    pub forward: Option<crate::dns::forward::ForwardConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +150,7 @@ impl ServeConfig {
             return Err(err("--max-wait must be more than 0"));
         }
         let etcd = parse_etcd(&a)?;
+        let forward = parse_forward(&a)?;
         let token = read_token(a.token, a.token_file.as_ref())?;
         let dns_threads = match a.dns_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -163,6 +166,7 @@ impl ServeConfig {
         let rate_limit_exempt = parse_nets("rate-limit-exempt", &exempt)?;
         Ok(ServeConfig {
             etcd,
+            forward,
             dns_listen: parse_addr("dns-listen", &a.dns_listen)?,
             http_listen: parse_addr("http-listen", &a.http_listen)?,
             zone,
@@ -222,6 +226,7 @@ impl ServeConfig {
             max_waits_per_client: crate::api::MAX_WAITERS_PER_CLIENT,
             rate_limit: crate::dns::rrl::RateLimitConfig::default(),
             etcd: None,
+            forward: None,
         }
     }
 }
@@ -285,4 +290,40 @@ fn parse_etcd(a: &ServeArgs) -> Result<Option<crate::etcd::EtcdConfig>, ConfigEr
 /// The zone as a host name: lower case, without the final dot.
 fn zone_host(zone: &Name) -> String {
     zone.to_ascii().trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn parse_forward(a: &ServeArgs) -> Result<Option<crate::dns::forward::ForwardConfig>, ConfigError> {
+    let rules = a
+        .forward
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            crate::dns::forward::parse_rule(s).map_err(|e| err(format!("--forward {s:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if rules.is_empty() {
+        if !a.allow_recursion.is_empty() {
+            return Err(err(
+                "--allow-recursion without --forward: give the upstreams with --forward ADDR",
+            ));
+        }
+        return Ok(None);
+    }
+    let allow = if a.allow_recursion.is_empty() {
+        let mut nets = parse_nets("allow-recursion", &["127.0.0.0/8".into(), "::1/128".into()])?;
+        nets.extend(crate::dns::forward::local_networks());
+        nets
+    } else if a.allow_recursion.iter().any(|s| s.trim() == "none") {
+        Vec::new()
+    } else {
+        parse_nets("allow-recursion", &a.allow_recursion)?
+    };
+    Ok(Some(crate::dns::forward::ForwardConfig {
+        rules,
+        allow,
+        timeout: parse_duration_flag("forward-timeout", &a.forward_timeout)?,
+        budget: parse_duration_flag("forward-budget", &a.forward_budget)?,
+        cache: a.forward_cache,
+        max_inflight: a.forward_max_inflight.max(1),
+    }))
 }

@@ -68,12 +68,15 @@ pub fn dns_query(data: &[u8]) {
     for transport in [Transport::Udp, Transport::Tcp] {
         let mut rotation = data.first().copied().unwrap_or(0).into();
         let outcome = answer(&snap, data, &mut out, transport, &mut rotation);
-        let Outcome::Answered {
-            rcode, truncated, ..
-        } = outcome
-        else {
-            assert!(data.len() < 12 || data[2] & 0x80 != 0, "dropped a query");
-            continue;
+        let (rcode, truncated) = match outcome {
+            Outcome::Answered {
+                rcode, truncated, ..
+            } => (rcode, truncated),
+            Outcome::NotOurs { .. } => (5, false),
+            Outcome::Drop => {
+                assert!(data.len() < 12 || data[2] & 0x80 != 0, "dropped a query");
+                continue;
+            }
         };
         assert!(out.len() >= 12, "short answer");
         assert_eq!(out[..2], data[..2], "the ID is echoed");

@@ -105,6 +105,8 @@ fn slots(qtype: u16, rcode: u8) -> (usize, usize) {
 pub struct DnsStats {
     udp: Mutex<Vec<Arc<DnsCounters>>>,
     pub tcp: SharedDnsCounters,
+    /// Forwarding's counters, when `--forward` is on.
+    pub forward: std::sync::OnceLock<Arc<crate::dns::forward::ForwardStats>>,
 }
 
 impl DnsStats {
@@ -388,6 +390,9 @@ pub fn render(
             "rollcall_http_request_duration_seconds_count{{{labels}}} {}",
             h.count
         );
+    }
+    if let Some(f) = dns.forward.get() {
+        f.render(&mut out);
     }
     out
 }

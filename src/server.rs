@@ -190,11 +190,27 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();
     let dns_stats = Arc::new(crate::metrics::DnsStats::default());
     let rate_limit = Arc::new(dns::rrl::RateLimit::new(config.rate_limit.clone()));
+    let forward = config.forward.clone().map(|f| {
+        for r in &f.rules {
+            let ups: Vec<String> = r.upstreams.iter().map(|u| u.to_string()).collect();
+            if ups.is_empty() {
+                tracing::info!(domain = %r.domain, "never forwarded");
+            } else {
+                tracing::info!(domain = %r.domain, upstreams = %ups.join(","), "forwarding");
+            }
+        }
+        let nets: Vec<String> = f.allow.iter().map(|n| n.to_string()).collect();
+        tracing::info!(allow_recursion = %nets.join(","), "names outside our zones are forwarded for these clients only");
+        let f = Arc::new(dns::forward::start(f, &[dns_addr], shutdown.clone()));
+        let _ = dns_stats.forward.set(f.stats.clone());
+        f
+    });
     let udp_threads = dns::udp::spawn(
         udp,
         cell.clone(),
         allow_query.clone(),
         rate_limit,
+        forward.clone(),
         dns_stats.clone(),
         shutdown.clone(),
     );
@@ -213,7 +229,14 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         std::thread::Builder::new()
             .name("dns-tcp".into())
             .spawn(move || {
-                runtime.block_on(dns::tcp::serve(tcp, cell, allow_query, dns_stats, shutdown))
+                runtime.block_on(dns::tcp::serve(
+                    tcp,
+                    cell,
+                    allow_query,
+                    forward,
+                    dns_stats,
+                    shutdown,
+                ))
             })
             .expect("spawning a thread")
     };

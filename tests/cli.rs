@@ -429,6 +429,24 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         text.contains("front1") && text.contains("2 nodes in 2 roles"),
         "{text}"
     );
+    // Several servers: the first that answers is used (a dead one first costs nothing).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_api = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let out = Command::new(rollcall_bin())
+        .args(["status", "--api", &format!("{dead_api},{}", server.api())])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 nodes in 2 roles"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     let out = Command::new(rollcall_bin())
         .args([

@@ -992,3 +992,32 @@ fn agents_leaving_are_followed() {
         let _ = a.wait();
     }
 }
+
+/// With several `--api` servers, hipache-sync follows the first that answers: a dead one first
+/// in the list costs nothing but a connect error.
+#[test]
+fn follows_the_next_api_server_when_one_is_down() {
+    let s = Stack::start();
+    let live = s.serve.api();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let redis = s.redis.url(0);
+    let apis = format!("{dead},{live}");
+    let _sync = SyncProc::start(
+        &[
+            "--api",
+            &apis,
+            "--role",
+            ROLE,
+            "--redis",
+            &redis,
+            "--frontend",
+            "www.example.test",
+        ],
+        &[],
+    );
+    register(&live, "front1", "10.0.0.1", 300);
+    s.redis.wait_list(
+        "frontend:www.example.test",
+        &list(ROLE, &["http://10.0.0.1:8080"]),
+    );
+}

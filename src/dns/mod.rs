@@ -4,11 +4,13 @@
 //! - `wire.rs`: the query path (bytes in, bytes out) shared by UDP and TCP;
 //! - `udp.rs`: one `SO_REUSEPORT` socket per thread, a tight receive-answer-send loop;
 //! - `tcp.rs`: tokio tasks, one per connection, length-prefixed messages;
-//! - `zones.rs`: static zone files.
+//! - `zones.rs`: static zone files;
+//! - `forward.rs`: names outside our zones relayed upstream (`--forward`), off the fast path.
 //!
 //! Nothing here takes a lock while answering: readers load the current [`Snapshot`] from an
 //! `ArcSwap` that only the [`Builder`] stores into.
 
+pub mod forward;
 pub mod rrl;
 pub mod snapshot;
 pub mod tcp;

@@ -30,6 +30,7 @@ pub async fn serve(
     listener: TcpListener,
     snapshots: Arc<ArcSwap<Snapshot>>,
     allow: Arc<[ipnet::IpNet]>,
+    forward: Option<Arc<super::forward::Forwarder>>,
     stats: Arc<DnsStats>,
     shutdown: CancellationToken,
 ) {
@@ -48,6 +49,8 @@ pub async fn serve(
         };
         backoff.ok();
         let refused = !allow.is_empty() && !super::udp::allowed(&allow, peer.ip());
+        // Forwarding for this client, if it may recurse.
+        let forward = forward.clone().filter(|f| f.allowed(peer.ip()));
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "too many dns tcp connections, closing");
             continue;
@@ -59,7 +62,7 @@ pub async fn serve(
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = connection(stream, &snapshots, &stats, &permits, refused) => {}
+                _ = connection(stream, &snapshots, &stats, &permits, refused, forward.as_deref()) => {}
             }
             drop(permit);
         });
@@ -72,6 +75,7 @@ async fn connection(
     stats: &DnsStats,
     permits: &Semaphore,
     refused: bool,
+    forward: Option<&super::forward::Forwarder>,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; 512];
@@ -104,6 +108,46 @@ async fn connection(
                 Transport::Tcp,
                 &mut rotation,
             )
+        };
+        let outcome = match (outcome, forward) {
+            (Outcome::NotOurs { qtype }, Some(f)) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let job = super::forward::Job {
+                    query: buf[..len].to_vec(),
+                    reply: super::forward::Reply::Tcp(tx),
+                };
+                let rcode = match f.submit(job) {
+                    Ok(()) => match rx.await {
+                        Ok(answer) => {
+                            out.clear();
+                            out.extend_from_slice(&answer);
+                            out.get(3).map_or(2, |b| b & 0x0f)
+                        }
+                        Err(_) => {
+                            super::wire::set_rcode(&mut out, 2);
+                            2
+                        }
+                    },
+                    Err(_) => {
+                        super::wire::set_rcode(&mut out, 2);
+                        2
+                    }
+                };
+                if out.len() > 3 {
+                    out[3] |= 0x80;
+                }
+                Outcome::Answered {
+                    rcode,
+                    truncated: false,
+                    qtype,
+                }
+            }
+            (Outcome::NotOurs { qtype }, None) => Outcome::Answered {
+                rcode: super::wire::RCODE_REFUSED,
+                truncated: false,
+                qtype,
+            },
+            (o, _) => o,
         };
         if let Outcome::Answered {
             rcode,

@@ -54,6 +54,7 @@ pub fn spawn(
     snapshots: Arc<ArcSwap<Snapshot>>,
     allow: Arc<[IpNet]>,
     rate_limit: Arc<super::rrl::RateLimit>,
+    forward: Option<Arc<super::forward::Forwarder>>,
     stats: Arc<DnsStats>,
     shutdown: CancellationToken,
 ) -> Vec<std::thread::JoinHandle<()>> {
@@ -65,7 +66,13 @@ pub fn spawn(
             let shutdown = shutdown.clone();
             let allow = allow.clone();
             let rate_limit = rate_limit.clone();
+            let forward = forward.clone();
             let counters = stats.udp_thread();
+            // Forwarded answers leave from the same address and port the query came to.
+            let reply_socket = forward
+                .as_ref()
+                .and_then(|_| socket.try_clone().ok())
+                .map(Arc::new);
             std::thread::Builder::new()
                 .name(format!("dns-udp-{i}"))
                 .spawn(move || {
@@ -80,6 +87,38 @@ pub fn spawn(
                                 answer(cache.load(), query, out, Transport::Udp, &mut rotation)
                             };
                         match outcome {
+                            Outcome::NotOurs { qtype } => {
+                                let Some(f) = forward.as_ref() else {
+                                    counters.answered(qtype, super::wire::RCODE_REFUSED, false);
+                                    return true;
+                                };
+                                match (ip, source_addr(source), &reply_socket) {
+                                    (Some(ip), Some(to), Some(socket)) if f.allowed(ip) => {
+                                        let job = super::forward::Job {
+                                            query: query.to_vec(),
+                                            reply: super::forward::Reply::Udp {
+                                                socket: socket.clone(),
+                                                to,
+                                            },
+                                        };
+                                        if f.submit(job).is_ok() {
+                                            return false; // the forwarder answers
+                                        }
+                                        // Too many in flight: a fast SERVFAIL.
+                                        super::wire::set_rcode(out, 2);
+                                        out[3] |= 0x80;
+                                        counters.answered(qtype, 2, false);
+                                        true
+                                    }
+                                    _ => {
+                                        f.stats
+                                            .refused_acl
+                                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                        counters.answered(qtype, super::wire::RCODE_REFUSED, false);
+                                        true
+                                    }
+                                }
+                            }
                             Outcome::Answered {
                                 rcode,
                                 truncated,
@@ -96,6 +135,15 @@ pub fn spawn(
                                     true
                                 }
                                 _ => {
+                                    // A client that may recurse is told recursion is available.
+                                    if forward
+                                        .as_ref()
+                                        .zip(ip)
+                                        .is_some_and(|(f, ip)| f.allowed(ip))
+                                        && out.len() > 3
+                                    {
+                                        out[3] |= 0x80;
+                                    }
                                     counters.answered(qtype, rcode, truncated);
                                     true
                                 }
@@ -238,6 +286,10 @@ pub fn allowed(nets: &[IpNet], ip: IpAddr) -> bool {
         ip => ip,
     };
     nets.iter().any(|n| n.contains(&ip))
+}
+
+fn source_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    source_ip(addr).map(|ip| SocketAddr::new(ip, source_port(addr)))
 }
 
 fn source_ip(addr: &libc::sockaddr_storage) -> Option<IpAddr> {

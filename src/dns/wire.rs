@@ -45,6 +45,23 @@ pub enum Outcome {
         truncated: bool,
         qtype: u16,
     },
+    /// The name is in none of our zones (nor a reverse name of a registered address): `out`
+    /// holds REFUSED, which is the answer unless the caller forwards the query upstream.
+    NotOurs { qtype: u16 },
+}
+
+fn not_ours(o: Outcome) -> Outcome {
+    match o {
+        Outcome::Answered { qtype, .. } => Outcome::NotOurs { qtype },
+        o => o,
+    }
+}
+
+/// Turns the response in `out` (one with a header) into SERVFAIL.
+pub fn set_rcode(out: &mut [u8], rcode: u8) {
+    if out.len() >= 4 {
+        out[3] = (out[3] & 0xF0) | (rcode & 0x0F);
+    }
 }
 
 /// A parsed question: the name in lower case plus where its labels start.
@@ -122,7 +139,7 @@ pub fn answer(
                 return answer_ptr(snap, q, &question, addr, out, limit, opt);
             }
         }
-        return respond(q, &question, out, RCODE_REFUSED, opt);
+        return not_ours(respond(q, &question, out, RCODE_REFUSED, opt));
     };
     if question.qtype == TYPE_AXFR || question.qtype == TYPE_IXFR {
         return respond(q, &question, out, RCODE_REFUSED, opt);
@@ -546,7 +563,7 @@ fn answer_ptr(
     }
     if found == 0 {
         out.clear();
-        return respond(q, question, out, RCODE_REFUSED, opt);
+        return not_ours(respond(q, question, out, RCODE_REFUSED, opt));
     }
     out[6..8].copy_from_slice(&found.to_be_bytes());
     if out.len() + if opt { OPT_LEN } else { 0 } > limit {

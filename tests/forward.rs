@@ -1,0 +1,651 @@
+//! System tests of forwarding (`serve --forward`): rollcall as the one resolver a container is
+//! given. Real upstreams on loopback: NSD serving `example.test` (and `broken.test`, whose
+//! zone file is missing, so NSD answers SERVFAIL for it), Debian's dnsmasq answering
+//! `other.test` and `broken.test` itself, closed ports and silent sockets as dead upstreams.
+//! The one test double is the spoofing upstream (an attacker cannot be had from Debian).
+
+#[path = "util/mod.rs"]
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::{RData, RecordType};
+use util::{query_msg, require, tcp_raw, ServeProc};
+
+fn free_udp_port() -> u16 {
+    // Free for both UDP and TCP (NSD and dnsmasq bind both).
+    loop {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Asks `server` over UDP from `source` (an address on lo); None on a 3-s timeout.
+fn ask_from(source: &str, server: SocketAddr, name: &str, rtype: RecordType) -> Option<Message> {
+    let sock = UdpSocket::bind((source, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let q = query_msg(name, rtype, Some(1232));
+    sock.send_to(&q, server).unwrap();
+    let mut buf = [0u8; 65535];
+    loop {
+        let n = sock.recv(&mut buf).ok()?;
+        let m = Message::from_vec(&buf[..n]).ok()?;
+        if m.metadata.id == u16::from_be_bytes([q[0], q[1]]) {
+            return Some(m);
+        }
+    }
+}
+
+fn ask(server: SocketAddr, name: &str) -> Option<Message> {
+    ask_from("127.0.0.1", server, name, RecordType::A)
+}
+
+fn addrs(m: &Message) -> Vec<String> {
+    util::addrs(m)
+}
+
+fn rcode(m: &Option<Message>) -> Option<ResponseCode> {
+    m.as_ref().map(|m| m.metadata.response_code)
+}
+
+struct Nsd {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nsd {
+    /// NSD for example.test (zone below) and broken.test (no zone file: SERVFAIL).
+    fn start() -> Nsd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let mut zone = String::from(
+            "$ORIGIN example.test.\n$TTL 300\n@ IN SOA ns hostmaster 1 60 10 600 30\n@ IN NS ns\nns IN A 127.0.0.1\nwww IN A 192.0.2.10\nwww IN A 192.0.2.11\nshort 2 IN A 192.0.2.20\n",
+        );
+        for i in 1..=100 {
+            zone.push_str(&format!("big IN A 198.51.100.{i}\n"));
+        }
+        std::fs::write(dir.path().join("example.test.zone"), zone).unwrap();
+        let port = free_udp_port();
+        let conf = dir.path().join("nsd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"server:
+    ip-address: 127.0.0.1@{port}
+    port: {port}
+    do-ip6: no
+    server-count: 1
+    username: ""
+    chroot: ""
+    zonesdir: "{d}"
+    database: ""
+    zonelistfile: "{d}/zone.list"
+    xfrdfile: "{d}/xfrd.state"
+    xfrdir: "{d}"
+    pidfile: "{d}/nsd.pid"
+    logfile: "{d}/nsd.log"
+    rrl-ratelimit: 0
+    rrl-whitelist-ratelimit: 0
+remote-control:
+    control-enable: no
+zone:
+    name: example.test
+    zonefile: "{d}/example.test.zone"
+zone:
+    name: broken.test
+    zonefile: "{d}/missing.zone"
+"#
+            ),
+        )
+        .unwrap();
+        let child = Command::new(require("nsd"))
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("starting nsd");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let up = util::eventually(Duration::from_secs(20), || {
+            rcode(&ask(addr, "www.example.test.")) == Some(ResponseCode::NoError)
+        });
+        assert!(up, "nsd did not answer");
+        Nsd {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nsd {
+    fn drop(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signals to the process group this test created for NSD.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Debian's dnsmasq on `port`: `other.test` and `broken.test` answered with `addr`, queries
+/// logged (to count what reached it), extra arguments added.
+struct Dnsmasq {
+    child: Child,
+    addr: SocketAddr,
+    queries: Arc<Mutex<Vec<String>>>,
+}
+
+impl Dnsmasq {
+    fn start_on(port: u16, answer: &str, extra: &[&str]) -> Dnsmasq {
+        let mut child = Command::new(require("dnsmasq"))
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+            ])
+            .args(["--listen-address", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--conf-file=/dev/null", "--user=root", "--pid-file="])
+            .arg(format!("--address=/other.test/{answer}"))
+            .arg(format!("--address=/broken.test/{answer}"))
+            .args(["--log-queries", "--log-facility=-", "--local-ttl=60"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting dnsmasq");
+        let queries = Arc::new(Mutex::new(Vec::new()));
+        let q = queries.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("query[") {
+                    q.lock().unwrap().push(line);
+                }
+            }
+        });
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(
+            util::eventually(Duration::from_secs(10), || ask(addr, "a.other.test.")
+                .is_some()),
+            "dnsmasq did not answer"
+        );
+        queries.lock().unwrap().clear();
+        Dnsmasq {
+            child,
+            addr,
+            queries,
+        }
+    }
+
+    fn start(answer: &str) -> Dnsmasq {
+        Self::start_on(free_udp_port(), answer, &[])
+    }
+
+    /// Queries it received for names containing `needle`.
+    fn saw(&self, needle: &str) -> usize {
+        // dnsmasq logs a line per query; give the pipe a moment.
+        std::thread::sleep(Duration::from_millis(100));
+        self.queries
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port where nothing listens (queries get ICMP port unreachable).
+fn closed() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_udp_port()))
+}
+
+/// A socket that reads queries and never answers (kept open while the value lives).
+fn silent() -> (UdpSocket, SocketAddr) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let a = s.local_addr().unwrap();
+    (s, a)
+}
+
+fn serve(dir: &Path, args: &[&str]) -> ServeProc {
+    ServeProc::start(&dir.join("data"), &dir.join("zones"), args)
+}
+
+fn metric(api: &str, line_start: &str) -> f64 {
+    let text = util::http()
+        .get(format!("{api}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{line_start} not in /metrics:\n{text}"))
+}
+
+#[test]
+fn forwarded_answers_rules_acl_and_cache() {
+    let nsd = Nsd::start();
+    let dm = Dnsmasq::start("10.9.9.9");
+    let dir = tempfile::tempdir().unwrap();
+    let fwd_default = nsd.addr.to_string();
+    let fwd_other = format!("other.test={}", dm.addr);
+    let s = serve(
+        dir.path(),
+        &[
+            "--forward",
+            &fwd_default,
+            "--forward",
+            &fwd_other,
+            "--forward",
+            "local.test=",
+            "--allow-recursion",
+            "127.0.0.1/32,127.0.0.2/32",
+        ],
+    );
+
+    // Forwarded: the same records as the upstream's own answer; RA set, AA clear.
+    let direct = ask(nsd.addr, "www.example.test.").unwrap();
+    let via = ask(s.dns, "www.example.test.").unwrap();
+    assert_eq!(via.metadata.response_code, ResponseCode::NoError);
+    let mut want = addrs(&direct);
+    let mut got = addrs(&via);
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    assert!(
+        via.metadata.recursion_available,
+        "RA set for a client that may recurse"
+    );
+    assert!(
+        !via.metadata.authoritative,
+        "a forwarded answer is not authoritative"
+    );
+    // Our own names are still ours: authoritative, and RA for this client.
+    let own = ask(s.dns, "ns.cluster.").unwrap();
+    assert!(own.metadata.authoritative);
+
+    // Per-domain rules: the most specific wins; `DOMAIN=` never forwards.
+    assert_eq!(addrs(&ask(s.dns, "x.other.test.").unwrap()), ["10.9.9.9"]);
+    assert_eq!(
+        rcode(&ask(s.dns, "x.local.test.")),
+        Some(ResponseCode::Refused)
+    );
+    assert_eq!(dm.saw("local.test"), 0);
+
+    // ACL: 127.0.0.3 may query our zones but not recurse; nothing goes upstream for it.
+    let refused = ask_from("127.0.0.3", s.dns, "acl.other.test.", RecordType::A);
+    assert_eq!(rcode(&refused), Some(ResponseCode::Refused));
+    assert!(!refused.unwrap().metadata.recursion_available);
+    assert_eq!(
+        dm.saw("acl.other.test"),
+        0,
+        "the upstream saw a refused client's query"
+    );
+    assert!(ask_from("127.0.0.3", s.dns, "ns.cluster.", RecordType::A)
+        .is_some_and(|m| m.metadata.response_code == ResponseCode::NoError));
+    let ok = ask_from("127.0.0.2", s.dns, "acl.other.test.", RecordType::A).unwrap();
+    assert_eq!(addrs(&ok), ["10.9.9.9"]);
+    assert!(metric(&s.api(), "rollcall_forward_refused_total") >= 1.0);
+
+    // Cache: the second query is not seen upstream, and its TTL counts down.
+    let first = ask(s.dns, "cached.other.test.").unwrap();
+    let ttl0 = first.answers[0].ttl;
+    std::thread::sleep(Duration::from_millis(2100));
+    let second = ask(s.dns, "cached.other.test.").unwrap();
+    assert_eq!(addrs(&second), ["10.9.9.9"]);
+    assert_eq!(
+        dm.saw("cached.other.test"),
+        1,
+        "the cached answer was asked upstream again"
+    );
+    assert!(
+        second.answers[0].ttl + 2 <= ttl0,
+        "TTL {ttl0} then {}",
+        second.answers[0].ttl
+    );
+    assert!(metric(&s.api(), "rollcall_forward_cache_hits_total") >= 1.0);
+
+    // Negative caching: NXDOMAIN with NSD's SOA (minimum 30 s), asked upstream once.
+    let before = metric(
+        &s.api(),
+        &format!(
+            "rollcall_forward_queries_total{{upstream=\"{}\",rcode=\"NXDOMAIN\"}}",
+            nsd.addr
+        ),
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            rcode(&ask(s.dns, "nope.example.test.")),
+            Some(ResponseCode::NXDomain)
+        );
+    }
+    let after = metric(
+        &s.api(),
+        &format!(
+            "rollcall_forward_queries_total{{upstream=\"{}\",rcode=\"NXDOMAIN\"}}",
+            nsd.addr
+        ),
+    );
+    assert_eq!(after - before, 1.0, "NXDOMAIN was not cached");
+
+    // TC from upstream -> TCP: 100 A records (1.6 KB) arrive whole over TCP.
+    let big = Message::from_vec(&tcp_raw(
+        s.dns,
+        &query_msg("big.example.test.", RecordType::A, None),
+    ))
+    .unwrap();
+    assert_eq!(big.answers.len(), 100);
+    // Over UDP the client gets TC (and retries over TCP itself).
+    let udp_big = ask(s.dns, "big.example.test.").unwrap();
+    assert!(udp_big.metadata.truncation);
+}
+
+#[test]
+fn failover_on_timeout_servfail_and_refused_and_servfail_when_all_are_down() {
+    let nsd = Nsd::start();
+    let dm = Dnsmasq::start("10.8.8.8");
+    let (_quiet, quiet) = silent();
+    let dir = tempfile::tempdir().unwrap();
+    let r1 = format!("example.test={quiet},{}", nsd.addr); // silent first
+    let r2 = format!("broken.test={},{}", nsd.addr, dm.addr); // SERVFAIL first
+    let r3 = format!("other.test={},{}", nsd.addr, dm.addr); // REFUSED first
+    let r4 = format!("dead.test={},{quiet}", closed());
+    let s = serve(
+        dir.path(),
+        &[
+            "--forward",
+            &r1,
+            "--forward",
+            &r2,
+            "--forward",
+            &r3,
+            "--forward",
+            &r4,
+            "--forward-timeout",
+            "400ms",
+            "--forward-budget",
+            "1s",
+            "--forward-cache",
+            "0",
+        ],
+    );
+    let t = Instant::now();
+    let m = ask(s.dns, "www.example.test.").unwrap();
+    let took = t.elapsed();
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(
+        took < Duration::from_millis(900),
+        "timeout failover took {took:?}"
+    );
+    eprintln!("silent upstream -> next one: answered in {took:?}");
+
+    let t = Instant::now();
+    assert_eq!(
+        addrs(&ask(s.dns, "x.broken.test.").unwrap()),
+        ["10.8.8.8"],
+        "SERVFAIL must move on"
+    );
+    assert_eq!(
+        addrs(&ask(s.dns, "x.other.test.").unwrap()),
+        ["10.8.8.8"],
+        "REFUSED must move on"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "rcode failover waited: {:?}",
+        t.elapsed()
+    );
+    // NXDOMAIN is final: not asked elsewhere.
+    assert_eq!(
+        rcode(&ask(s.dns, "nope.example.test.")),
+        Some(ResponseCode::NXDomain)
+    );
+
+    let t = Instant::now();
+    let m = ask(s.dns, "x.dead.test.");
+    let took = t.elapsed();
+    assert_eq!(rcode(&m), Some(ResponseCode::ServFail));
+    assert!(
+        took < Duration::from_millis(1500),
+        "all down: SERVFAIL after {took:?}"
+    );
+    eprintln!("all upstreams down: SERVFAIL after {took:?}");
+
+    // Two timeouts marked the silent upstream down: now skipped, no added latency.
+    for _ in 0..3 {
+        let _ = ask(s.dns, "www.example.test.");
+    }
+    let t = Instant::now();
+    assert_eq!(
+        rcode(&ask(s.dns, "www.example.test.")),
+        Some(ResponseCode::NoError)
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "a down upstream still costs {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &s.api(),
+            &format!("rollcall_forward_upstream_up{{upstream=\"{quiet}\"}}")
+        ),
+        0.0
+    );
+
+    // Authoritative names are answered at once while the upstreams are black-holed.
+    let flood: Vec<_> = (0..20)
+        .map(|i| {
+            let dns = s.dns;
+            std::thread::spawn(move || ask(dns, &format!("q{i}.dead.test.")))
+        })
+        .collect();
+    let t = Instant::now();
+    assert!(ask(s.dns, "ns.cluster.").is_some_and(|m| m.metadata.authoritative));
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "an authoritative answer waited {:?}",
+        t.elapsed()
+    );
+    for f in flood {
+        let _ = f.join();
+    }
+}
+
+#[test]
+fn a_down_upstream_is_probed_and_used_again() {
+    let port = free_udp_port();
+    let spare = Dnsmasq::start("10.2.2.2");
+    let dir = tempfile::tempdir().unwrap();
+    let rule = format!("other.test=127.0.0.1:{port},{}", spare.addr);
+    let s = serve(
+        dir.path(),
+        &[
+            "--forward",
+            &rule,
+            "--forward-timeout",
+            "300ms",
+            "--forward-cache",
+            "0",
+        ],
+    );
+    for _ in 0..3 {
+        assert_eq!(addrs(&ask(s.dns, "x.other.test.").unwrap()), ["10.2.2.2"]);
+    }
+    let first = Dnsmasq::start_on(port, "10.1.1.1", &[]);
+    assert!(
+        util::eventually(Duration::from_secs(5), || ask(s.dns, "x.other.test.")
+            .is_some_and(|m| addrs(&m) == ["10.1.1.1"])),
+        "the upstream that came back is not used again"
+    );
+    drop(first);
+}
+
+/// The test double: an "upstream" that first sends a reply with the wrong ID, then one for
+/// another question, then the real answer — what an off-path spoofer tries.
+fn spoofer() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let reply = |id: u16, name: &str, ip: [u8; 4]| {
+                let mut r = Message::response(id, q.metadata.op_code);
+                let mut qq = q.queries[0].clone();
+                qq.set_name(hickory_proto::rr::Name::from_ascii(name).unwrap());
+                r.add_query(qq.clone());
+                r.add_answer(hickory_proto::rr::Record::from_rdata(
+                    qq.name().clone(),
+                    60,
+                    RData::A(std::net::Ipv4Addr::from(ip).into()),
+                ));
+                r.to_vec().unwrap()
+            };
+            let real = q.queries[0].name().to_ascii();
+            let _ = s.send_to(
+                &reply(q.metadata.id.wrapping_add(1), &real, [6, 6, 6, 6]),
+                from,
+            );
+            let _ = s.send_to(&reply(q.metadata.id, "evil.test.", [6, 6, 6, 7]), from);
+            let _ = s.send_to(&reply(q.metadata.id, &real, [192, 0, 2, 1]), from);
+        }
+    });
+    addr
+}
+
+#[test]
+fn spoofed_replies_loops_and_the_inflight_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let spoof = spoofer();
+    let (_quiet, quiet) = silent();
+    // Our own address as an upstream: a loop, disabled at start.
+    let own_port = free_udp_port();
+    let own = format!("127.0.0.1:{own_port}");
+    let r1 = format!("spoof.test={spoof}");
+    let r2 = format!("slow.test={quiet}");
+    let r3 = format!("self.test={own}");
+    let s = ServeProc::start_on(
+        &own,
+        "127.0.0.1:0",
+        &dir.path().join("data"),
+        &dir.path().join("zones"),
+        &[
+            "--forward",
+            &r1,
+            "--forward",
+            &r2,
+            "--forward",
+            &r3,
+            "--forward-max-inflight",
+            "4",
+            "--forward-timeout",
+            "2s",
+            "--forward-budget",
+            "2s",
+        ],
+    );
+    assert_eq!(
+        metric(
+            &s.api(),
+            &format!("rollcall_forward_upstream_up{{upstream=\"{own}\"}}")
+        ),
+        0.0,
+        "an upstream equal to our own address must be disabled"
+    );
+    assert_eq!(
+        addrs(&ask(s.dns, "www.spoof.test.").unwrap()),
+        ["192.0.2.1"],
+        "a spoofed reply was taken"
+    );
+    let t = Instant::now();
+    assert_eq!(
+        rcode(&ask(s.dns, "x.self.test.")),
+        Some(ResponseCode::ServFail)
+    );
+    assert!(t.elapsed() < Duration::from_millis(500));
+
+    // More than --forward-max-inflight at once to a silent upstream: the excess gets a fast
+    // SERVFAIL, counted.
+    let slow: Vec<_> = (0..12)
+        .map(|i| {
+            let dns = s.dns;
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                (rcode(&ask(dns, &format!("n{i}.slow.test."))), t.elapsed())
+            })
+        })
+        .collect();
+    let results: Vec<_> = slow.into_iter().map(|t| t.join().unwrap()).collect();
+    let fast_fail = results
+        .iter()
+        .filter(|(r, took)| {
+            *r == Some(ResponseCode::ServFail) && *took < Duration::from_millis(500)
+        })
+        .count();
+    assert!(fast_fail >= 6, "{results:?}");
+    assert!(metric(&s.api(), "rollcall_forward_overloaded_total") >= 6.0);
+
+    // A dnsmasq that forwards everything back to the server that forwards to it: that
+    // server's loop probe comes back to it, and the upstream is disabled.
+    let dir2 = tempfile::tempdir().unwrap();
+    let dm_port = free_udp_port();
+    let looper_port = free_udp_port();
+    let dm = Dnsmasq::start_on(
+        dm_port,
+        "10.7.7.7",
+        &[&format!("--server=127.0.0.1#{looper_port}")],
+    );
+    let rule = format!("loop.test={}", dm.addr);
+    let looper = ServeProc::start_on(
+        &format!("127.0.0.1:{looper_port}"),
+        "127.0.0.1:0",
+        &dir2.path().join("data2"),
+        &dir2.path().join("zones"),
+        &["--forward", &rule],
+    );
+    let up = format!("rollcall_forward_upstream_up{{upstream=\"{}\"}}", dm.addr);
+    assert!(
+        util::eventually(Duration::from_secs(5), || metric(&looper.api(), &up) == 0.0),
+        "an upstream that forwards back to us is not disabled"
+    );
+    // Names under it now get SERVFAIL at once instead of circling.
+    let t = Instant::now();
+    assert_eq!(
+        rcode(&ask(looper.dns, "x.loop.test.")),
+        Some(ResponseCode::ServFail)
+    );
+    assert!(t.elapsed() < Duration::from_millis(500));
+}
