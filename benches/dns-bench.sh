@@ -26,6 +26,12 @@
 #      checked again while the churn runs
 #   5. --api: wrk on keep-alive connections renewing one node (PUT, benches/renew.lua), both
 #      cores shared by rollcall and wrk
+#   5b. --forward: an NSD upstream serving fwd.test (100 names) and three more entries in the
+#      rotation: "rollcall-fwd" (rollcall with --forward on, asked the usual query file: the
+#      authoritative path with forwarding enabled, to compare with "rollcall"), and
+#      "rollcall-cache" / "dnsmasq-cache" (the same rollcall, and dnsmasq with cache-size=10000,
+#      both forwarding fwd.test to that NSD, asked for the fwd.test names: answers from the
+#      forwarding cache after the first query of each name)
 #   6. prints the Markdown report and writes it to benches/results/
 #
 # Columns: QPS median/min/max over reps (best load by median QPS); lat = median of dnsperf's
@@ -58,7 +64,7 @@ DURATION=10; REPS=3
 LOADS="8:50 8:100 8:500"          # dnsperf -c:-q settings; the best median QPS is reported
 SERVERS="rollcall null nsd knot dnsmasq bind"
 BASELINE_BIN=""
-CHURN=0; API=0; VERIFY_ONLY=0
+CHURN=0; API=0; VERIFY_ONLY=0; FORWARD=0
 CHURN_RENEW=5000; CHURN_REGISTER=100; CHURN_CONNS=64
 API_CONNS=64; API_THREADS=2
 SERVER_CPU=1; CLIENT_CPU=0; CHURN_CPU=""
@@ -87,6 +93,7 @@ Options:
   --churn-conns C        keep-alive connections (= requests in flight) of the churn generator
                          (default $CHURN_CONNS)
   --api                  also run wrk against the API (PUT renewals, keep-alive)
+  --forward              also measure forwarding: rollcall-fwd, rollcall-cache, dnsmasq-cache
   --api-conns C          wrk connections (default $API_CONNS; threads: $API_THREADS)
   --verify-only          start each server, check its answers, print the UDP probe, stop
   --server-cpu C, --client-cpu C   CPUs for the server and dnsperf (default $SERVER_CPU, $CLIENT_CPU)
@@ -114,6 +121,7 @@ while [ $# -gt 0 ]; do
         --churn-cpu) CHURN_CPU=$2; shift ;;
         --churn-conns) CHURN_CONNS=$2; shift ;;
         --api) API=1 ;;
+        --forward) FORWARD=1 ;;
         --api-conns) API_CONNS=$2; shift ;;
         --verify-only) VERIFY_ONLY=1 ;;
         --server-cpu) SERVER_CPU=$2; shift ;;
@@ -187,6 +195,7 @@ need_cmds() {   # command:package pairs for what this run uses
             bind) echo named:bind9 ;; esac
     done
     [ "$API" = 0 ] || echo wrk:wrk
+    [ "$FORWARD" = 0 ] || echo nsd:nsd dnsmasq:dnsmasq-base
 }
 
 install_missing() {
@@ -233,7 +242,9 @@ port_of() {
     case $1 in rollcall|rollcall+churn) echo $((BASE_PORT + 1)) ;; null) echo $((BASE_PORT + 2)) ;;
         nsd) echo $((BASE_PORT + 3)) ;; knot) echo $((BASE_PORT + 4)) ;;
         dnsmasq) echo $((BASE_PORT + 5)) ;; bind) echo $((BASE_PORT + 6)) ;;
-        hickory) echo $((BASE_PORT + 7)) ;; api) echo $((BASE_PORT + 8)) ;; baseline) echo $((BASE_PORT + 9)) ;; esac
+        hickory) echo $((BASE_PORT + 7)) ;; api) echo $((BASE_PORT + 8)) ;; baseline) echo $((BASE_PORT + 9)) ;;
+        upstream) echo $((BASE_PORT + 10)) ;; rollcall-fwd) echo $((BASE_PORT + 11)) ;;
+        rollcall-cache) echo $((BASE_PORT + 12)) ;; dnsmasq-cache) echo $((BASE_PORT + 13)) ;; esac
 }
 http_port_of() { echo $(( $(port_of "$1") + 1000 )); }   # candidate.sh's contract
 
@@ -243,8 +254,8 @@ pick_ports() {   # move BASE_PORT up until every port of this run is free
     local tries p busy
     for tries in $(seq 40); do
         busy=""
-        for p in $(seq $((BASE_PORT + 1)) $((BASE_PORT + 8))) \
-                 $((BASE_PORT + 1001)) $((BASE_PORT + 1008)); do
+        for p in $(seq $((BASE_PORT + 1)) $((BASE_PORT + 13))) \
+                 $((BASE_PORT + 1001)) $((BASE_PORT + 1008)) $((BASE_PORT + 1011)) $((BASE_PORT + 1012)); do
             if port_busy "$p"; then busy=$p; break; fi
         done
         [ -z "$busy" ] && return 0
@@ -404,13 +415,57 @@ conf_rollcall() {   # candidate.sh registers services.tsv over the API, then ser
         ROLLCALL_BIN="$ROLLCALL_BIN" TMPDIR="$1" bash "$HERE/candidate.sh"
 }
 conf_api() { conf_rollcall "$@"; }
+conf_rollcall-fwd() {   # rollcall forwarding fwd.test to the NSD upstream
+    printf '%s\n' env DNSB_ADDR="$ADDR" DNSB_PORT="$2" DNSB_DATA_DIR="$DATA" DNSB_THREADS=1 \
+        ROLLCALL_BIN="$ROLLCALL_BIN" TMPDIR="$1" \
+        ROLLCALL_EXTRA_ARGS="--forward fwd.test=$ADDR:$(port_of upstream)" bash "$HERE/candidate.sh"
+}
+conf_rollcall-cache() { conf_rollcall-fwd "$@"; }
+conf_dnsmasq-cache() {   # dnsmasq forwarding fwd.test to the same upstream, with a cache
+    cat >"$1/dnsmasq.conf" <<EOF
+port=$2
+listen-address=$ADDR
+bind-interfaces
+no-resolv
+no-hosts
+no-poll
+cache-size=10000
+server=/fwd.test/$ADDR#$(port_of upstream)
+user=$(id -un)
+group=$(id -gn)
+pid-file=
+log-facility=$1/dnsmasq.log
+EOF
+    printf '%s\n' dnsmasq -k -C "$1/dnsmasq.conf"
+}
+queries_of() {   # the dnsperf query file for NAME
+    case $1 in *-cache) echo "$DATA/queries-fwd.txt" ;; *) echo "$DATA/queries.txt" ;; esac
+}
+start_upstream() {   # NSD serving fwd.test: 100 names, TTL 3600 (the caches keep them)
+    local d=$WORKDIR/servers/upstream port
+    port=$(port_of upstream); mkdir -p "$d"
+    { printf '$ORIGIN fwd.test.\n$TTL 3600\n@ IN SOA ns hostmaster 1 60 10 600 60\n@ IN NS ns\nns IN A %s\n' "$ADDR"
+      for i in $(seq 100); do printf 'n%s IN A 10.77.%s.%s\n' "$i" $((i / 250)) $((i % 250 + 1)); done
+    } >"$d/fwd.test.zone"
+    for i in $(seq 100); do printf 'n%s.fwd.test A\n' "$i"; done >"$DATA/queries-fwd.txt"
+    conf_nsd "$d" "$port" >/dev/null
+    sed -i "s|name: cluster.|name: fwd.test.|; s|zonefile: \"$DATA/cluster.zone\"|zonefile: \"$d/fwd.test.zone\"|" "$d/nsd.conf"
+    spawn upstream "$d/stdout.log" $(pin "$CLIENT_CPU") nsd -d -c "$d/nsd.conf"
+    for _ in $(seq 100); do
+        dig +time=1 +tries=1 -p "$port" @"$ADDR" n1.fwd.test A 2>/dev/null | grep -q 'ANSWER: 1' && return 0
+        sleep 0.1
+    done
+    die "the NSD upstream for fwd.test did not answer"
+}
 conf_baseline() {   # another rollcall binary (--baseline BIN), served the same way: before/after
     printf '%s\n' env DNSB_ADDR="$ADDR" DNSB_PORT="$2" DNSB_DATA_DIR="$DATA" DNSB_THREADS=1 \
         ROLLCALL_BIN="$BASELINE_BIN" TMPDIR="$1" bash "$HERE/candidate.sh"
 }   # the API benchmark: the same rollcall, not pinned
 
 ready() {   # ready NAME PORT: answers cluster. SOA (the null responder: answers at all)
-    if [ "$1" = null ]; then
+    if [ "$1" = dnsmasq-cache ]; then
+        dig +time=1 +tries=1 -p "$2" @"$ADDR" n1.fwd.test A 2>/dev/null | grep -q 'ANSWER: 1'
+    elif [ "$1" = null ]; then
         python3 "$HERE/gen-dataset.py" --ping "$ADDR:$2"
     else
         dig +time=1 +tries=1 +norecurse -p "$2" @"$ADDR" cluster. SOA 2>/dev/null |
@@ -442,6 +497,14 @@ start_server() {   # start_server NAME [unpinned]: configure, launch, wait until
 check_answers() {   # check_answers NAME WHEN: compare with expected.tsv, append to checks.tsv
     local name=$1 when=$2 res
     if [ "${name%+churn}" = null ]; then res="exempt"
+    elif [[ $name == *-cache ]]; then
+        # forwarded names: the upstream's answer for a few names of the query file
+        res="ok (forwarded)"
+        for i in 1 50 100; do
+            [ "$(dig +short -p "$(port_of "$name")" @"$ADDR" "n$i.fwd.test" A)" = \
+              "$(dig +short -p "$(port_of upstream)" @"$ADDR" "n$i.fwd.test" A)" ] ||
+                res="MISMATCH (n$i.fwd.test)"
+        done
     else
         res=$(python3 "$HERE/gen-dataset.py" --out "$DATA" --check "$ADDR:$(port_of "$name")" \
               2>>"$WORKDIR/servers/$name/check.log") || true
@@ -454,7 +517,7 @@ check_answers() {   # check_answers NAME WHEN: compare with expected.tsv, append
 probe() {   # appserver.cluster A over UDP / UDP+EDNS 1232 / TCP, once per server
     local name=$1
     grep -q "^$name	" "$WORKDIR/probe.tsv" 2>/dev/null && return 0
-    [ "$name" = null ] || [ "$name" = rollcall+churn ] && return 0
+    [ "$name" = null ] || [ "$name" = rollcall+churn ] || [[ $name == *-cache ]] && return 0
     printf '%s\t%s\n' "$name" \
         "$(python3 "$HERE/gen-dataset.py" --out "$DATA" --probe "$ADDR:$(port_of "$name")")" \
         >>"$WORKDIR/probe.tsv"
@@ -493,7 +556,7 @@ run_dnsperf() {   # run_dnsperf NAME LOAD REP [EXTRA-SESSION]: one line into res
     out=$WORKDIR/servers/$name/dnsperf-${load/:/x}-rep$rep.txt
     s0=$(session_ticks "${PIDS[$name]}"); g0=0; [ -z "$extra" ] || g0=$(session_ticks "$extra")
     b0=$(busy_ticks); w0=$EPOCHREALTIME
-    measured client "$out" "${prefix[@]}" dnsperf -s "$ADDR" -p "$port" -d "$DATA/queries.txt" \
+    measured client "$out" "${prefix[@]}" dnsperf -s "$ADDR" -p "$port" -d "$(queries_of "$name")" \
         -l "$DURATION" -c "${load%%:*}" -q "${load##*:}" -T 1 \
         -O suppress=timeouts,congestion,unexpected
     s1=$(session_ticks "${PIDS[$name]}"); g1=0; [ -z "$extra" ] || g1=$(session_ticks "$extra")
@@ -797,6 +860,10 @@ python3 "$HERE/gen-dataset.py" --out "$DATA" -n "$N" -m "$M" >&2
 ENTRIES=()
 for s in $SERVERS; do ENTRIES+=("$s"); done
 [ "$CHURN" = 1 ] && ENTRIES+=("rollcall+churn")
+if [ "$FORWARD" = 1 ]; then
+    ENTRIES+=("rollcall-fwd" "rollcall-cache" "dnsmasq-cache")
+    start_upstream
+fi
 log "workdir $WORKDIR; ports $((BASE_PORT + 1))-$((BASE_PORT + 8)) (+1000 for HTTP); N=$N M=$M; ${DURATION}s x $REPS reps; loads '$LOADS'"
 
 if [ ${#ENTRIES[@]} -gt 0 ]; then
