@@ -299,7 +299,190 @@ struct Cache {
     seq: u64,
 }
 
+/// Answers as wire bytes, for cache hits served on the UDP threads themselves (plain
+/// queries: one question, no DO bit): a read lock, a copy and a few patched bytes, like the
+/// authoritative path. Filled by the forwarder thread next to the message cache.
+#[derive(Default)]
+struct WireCache {
+    map: std::sync::RwLock<HashMap<Box<[u8]>, WireEntry>>,
+}
+
+struct WireEntry {
+    /// The response with ID 0, RD clear, RA set, no OPT record.
+    bytes: Box<[u8]>,
+    /// End of the question (the client's question is copied over, keeping its case).
+    qend: usize,
+    /// Where each record's TTL sits, and its TTL when stored.
+    ttls: Box<[(u16, u32)]>,
+    stored: std::time::Instant,
+    expires: std::time::Instant,
+}
+
+/// `lowercased wire name + qtype + qclass` of a plain query, its question end, and its EDNS
+/// payload (None: no OPT); None when the query is not plain (DO set, several records...).
+fn plain_key(q: &[u8], key: &mut Vec<u8>) -> Option<(usize, Option<u16>)> {
+    if q.len() < 17 || q[6..10] != [0, 0, 0, 0] {
+        return None;
+    }
+    let qend = question_key(q, key)?;
+    let edns = match q[10..12] {
+        [0, 0] if q.len() == qend => None,
+        [0, 1] => {
+            // The OPT record right after the question: root name, type 41.
+            let opt = q.get(qend..qend + 11)?;
+            if opt[0] != 0 || opt[1..3] != [0, 41] || opt[7] & 0x80 != 0 || opt[6] != 0 {
+                return None; // not OPT, DO set, or EDNS version > 0
+            }
+            Some(u16::from_be_bytes([opt[3], opt[4]]))
+        }
+        _ => return None,
+    };
+    Some((qend, edns))
+}
+
+/// The cache key of a message's only question (lower-cased wire name, type, class); returns
+/// where the question ends.
+fn question_key(q: &[u8], key: &mut Vec<u8>) -> Option<usize> {
+    if q.len() < 17 || q[4..6] != [0, 1] {
+        return None;
+    }
+    key.clear();
+    let mut at = 12;
+    loop {
+        let len = usize::from(*q.get(at)?);
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        key.push(len as u8);
+        if len == 0 {
+            at += 1;
+            break;
+        }
+        key.extend(
+            q.get(at + 1..at + 1 + len)?
+                .iter()
+                .map(u8::to_ascii_lowercase),
+        );
+        at += 1 + len;
+    }
+    key.extend_from_slice(q.get(at..at + 4)?);
+    Some(at + 4)
+}
+
+/// Where the TTL of each record of an encoded message sits.
+fn ttl_offsets(b: &[u8]) -> Option<Vec<(u16, u32)>> {
+    let count = |i: usize| usize::from(u16::from_be_bytes([b[i], b[i + 1]]));
+    let (qd, rr) = (count(4), count(6) + count(8) + count(10));
+    let skip_name = |mut at: usize| -> Option<usize> {
+        loop {
+            let len = *b.get(at)?;
+            if len & 0xC0 == 0xC0 {
+                return Some(at + 2);
+            }
+            if len == 0 {
+                return Some(at + 1);
+            }
+            at += 1 + usize::from(len);
+        }
+    };
+    let mut at = 12;
+    for _ in 0..qd {
+        at = skip_name(at)? + 4;
+    }
+    let mut out = Vec::with_capacity(rr);
+    for _ in 0..rr {
+        at = skip_name(at)?;
+        let t = b.get(at + 4..at + 8)?;
+        out.push((
+            u16::try_from(at + 4).ok()?,
+            u32::from_be_bytes([t[0], t[1], t[2], t[3]]),
+        ));
+        let rdlen = usize::from(u16::from_be_bytes([*b.get(at + 8)?, *b.get(at + 9)?]));
+        at += 10 + rdlen;
+    }
+    (at == b.len()).then_some(out)
+}
+
+impl WireCache {
+    /// Serves a cache hit into `out` (false: not cached, expired, or too big for the client).
+    fn answer(&self, q: &[u8], out: &mut Vec<u8>, key: &mut Vec<u8>) -> bool {
+        let Some((qend, edns)) = plain_key(q, key) else {
+            return false;
+        };
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = map.get(key.as_slice()) else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let limit = edns.map_or(512, |p| usize::from(p.clamp(512, EDNS_SIZE)));
+        let opt_len = if edns.is_some() { 11 } else { 0 };
+        if now >= e.expires || e.qend != qend || e.bytes.len() + opt_len > limit {
+            return false;
+        }
+        let age = now.duration_since(e.stored).as_secs() as u32;
+        out.clear();
+        out.extend_from_slice(&e.bytes);
+        out[..2].copy_from_slice(&q[..2]);
+        out[2] = (out[2] & !0x01) | (q[2] & 0x01);
+        out[12..qend].copy_from_slice(&q[12..qend]);
+        for &(at, ttl) in e.ttls.iter() {
+            let at = usize::from(at);
+            out[at..at + 4].copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
+        }
+        if edns.is_some() {
+            let ar = u16::from_be_bytes([out[10], out[11]]) + 1;
+            out[10..12].copy_from_slice(&ar.to_be_bytes());
+            out.extend_from_slice(&[0, 0, 41]);
+            out.extend_from_slice(&EDNS_SIZE.to_be_bytes());
+            out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        }
+        true
+    }
+
+    fn store(&self, key: &Key, m: &Message, ttl: u32, cap: usize) {
+        if key.dnssec_ok || ttl == 0 {
+            return;
+        }
+        let mut c = m.clone();
+        c.metadata.id = 0;
+        c.metadata.message_type = MessageType::Response;
+        c.metadata.recursion_desired = false;
+        c.metadata.recursion_available = true;
+        c.metadata.authoritative = false;
+        c.edns = None;
+        let Ok(bytes) = c.to_vec() else { return };
+        let Some(ttls) = ttl_offsets(&bytes) else {
+            return;
+        };
+        let mut wk = Vec::with_capacity(key.name.len() + 6);
+        let Some(qend) = question_key(&bytes, &mut wk) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= cap {
+            map.retain(|_, e| e.expires > now);
+            if map.len() >= cap {
+                if let Some(k) = map.keys().next().cloned() {
+                    map.remove(&k);
+                }
+            }
+        }
+        map.insert(
+            wk.into_boxed_slice(),
+            WireEntry {
+                bytes: bytes.into_boxed_slice(),
+                qend,
+                ttls: ttls.into_boxed_slice(),
+                stored: now,
+                expires: now + Duration::from_secs(ttl.into()),
+            },
+        );
+    }
+}
+
 struct Inner {
+    wire: Arc<WireCache>,
     cfg: ForwardConfig,
     upstreams: Vec<Arc<Upstream>>,
     /// Per rule, indices into `upstreams`.
@@ -311,11 +494,22 @@ struct Inner {
 /// The handle the transports hold.
 pub struct Forwarder {
     tx: mpsc::Sender<Job>,
+    wire: Arc<WireCache>,
     allow: Vec<IpNet>,
     pub stats: Arc<ForwardStats>,
 }
 
 impl Forwarder {
+    /// A cache hit answered on the caller's thread (UDP), or false: submit the query.
+    /// `key` is the caller's scratch buffer.
+    pub fn answer_cached(&self, q: &[u8], out: &mut Vec<u8>, key: &mut Vec<u8>) -> bool {
+        let hit = self.wire.answer(q, out, key);
+        if hit {
+            self.stats.cache_hits.fetch_add(1, Relaxed);
+        }
+        hit
+    }
+
     /// Whether `ip` may have names forwarded.
     pub fn allowed(&self, ip: IpAddr) -> bool {
         super::udp::allowed(&self.allow, ip)
@@ -371,7 +565,9 @@ pub fn start(cfg: ForwardConfig, own: &[SocketAddr], shutdown: CancellationToken
     let stats = Arc::new(ForwardStats::default());
     let _ = stats.upstreams.set(upstreams.clone());
     let allow = cfg.allow.clone();
+    let wire = Arc::new(WireCache::default());
     let inner = Arc::new(Inner {
+        wire: wire.clone(),
         cfg: cfg.clone(),
         upstreams,
         rules,
@@ -389,7 +585,12 @@ pub fn start(cfg: ForwardConfig, own: &[SocketAddr], shutdown: CancellationToken
             rt.block_on(run(inner, rx, shutdown));
         })
         .expect("spawning a thread");
-    Forwarder { tx, allow, stats }
+    Forwarder {
+        tx,
+        wire,
+        allow,
+        stats,
+    }
 }
 
 fn same_socket(own: SocketAddr, up: SocketAddr) -> bool {
@@ -527,6 +728,7 @@ impl Inner {
         if ttl == 0 {
             return;
         }
+        self.wire.store(&key, m, ttl, self.cfg.cache);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.seq += 1;
         let seq = cache.seq;
@@ -898,6 +1100,58 @@ mod tests {
         assert_eq!(cache_ttl(&m), 30);
         m.metadata.response_code = ResponseCode::ServFail;
         assert_eq!(cache_ttl(&m), 1);
+    }
+
+    #[test]
+    fn cache_hits_on_the_udp_thread_keep_the_clients_id_case_and_edns() {
+        let wire = WireCache::default();
+        let name = Name::from_ascii("www.example.test.").unwrap();
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        for ip in [[192, 0, 2, 1], [192, 0, 2, 2]] {
+            m.add_answer(Record::from_rdata(
+                name.clone(),
+                60,
+                RData::A(std::net::Ipv4Addr::from(ip).into()),
+            ));
+        }
+        let key = Key {
+            name: "www.example.test.".into(),
+            qtype: 1,
+            qclass: 1,
+            dnssec_ok: false,
+        };
+        wire.store(&key, &m, 60, 100);
+        let mut q = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        q.add_query(Query::query(
+            Name::from_ascii("WwW.Example.TEST.").unwrap(),
+            RecordType::A,
+        ));
+        q.metadata.recursion_desired = true;
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        q.set_edns(e);
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        assert!(wire.answer(&q.to_vec().unwrap(), &mut out, &mut scratch));
+        let r = Message::from_vec(&out).unwrap();
+        assert_eq!(r.metadata.id, 0x1234);
+        assert!(r.metadata.recursion_desired && r.metadata.recursion_available);
+        assert!(!r.metadata.authoritative);
+        assert_eq!(r.queries[0].name().to_ascii(), "WwW.Example.TEST.");
+        assert_eq!(r.answers.len(), 2);
+        assert!(r.answers.iter().all(|a| a.ttl <= 60 && a.ttl >= 59));
+        assert!(r.edns.is_some(), "the client asked with EDNS");
+        // DO set, or another name: not a plain hit.
+        let mut e = Edns::new();
+        e.set_dnssec_ok(true);
+        q.set_edns(e);
+        assert!(!wire.answer(&q.to_vec().unwrap(), &mut out, &mut scratch));
+        let mut other = Message::new(1, MessageType::Query, OpCode::Query);
+        other.add_query(Query::query(
+            Name::from_ascii("x.example.test.").unwrap(),
+            RecordType::A,
+        ));
+        assert!(!wire.answer(&other.to_vec().unwrap(), &mut out, &mut scratch));
     }
 
     #[test]
