@@ -119,27 +119,7 @@ impl Check {
     }
 }
 
-/// `6s`, `500ms`, `1.5s`, `2m`, `0`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration: use e.g. 6s, 500ms or 0");
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || !(0.0..=86_400.0 * 7.0).contains(&secs) {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use crate::clock::parse_duration;
 
 /// This host's name, as the kernel has it.
 fn host_name() -> std::io::Result<String> {
@@ -977,6 +957,56 @@ impl Keeper {
 // ---------------------------------------------------------------------------------------------
 // The child command.
 
+/// Processes the command leaves behind (a daemonizing script, a shell's background job)
+/// are re-parented to the agent (a child subreaper, and PID 1 in a container): reap them as
+/// they exit, so that none stays a zombie. The command itself is left to its own `wait`.
+async fn reap_orphans(command: libc::pid_t) {
+    let Ok(mut chld) = signal(SignalKind::child()) else {
+        return;
+    };
+    let me = std::process::id() as libc::pid_t;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = chld.recv() => {}
+            _ = tick.tick() => {}
+        }
+        for pid in zombie_children(me) {
+            if pid != command {
+                // SAFETY: waitpid on one exited child of ours that is not the command.
+                unsafe {
+                    libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+                }
+            }
+        }
+    }
+}
+
+/// Children of `parent` that have exited and not been waited for (from /proc).
+fn zombie_children(parent: libc::pid_t) -> Vec<libc::pid_t> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let (state, ppid) = (
+            f.next(),
+            f.next().and_then(|p| p.parse::<libc::pid_t>().ok()),
+        );
+        if state == Some("Z") && ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 fn spawn_child(command: &[String]) -> Result<tokio::process::Child, String> {
     let (prog, args) = command.split_first().expect("checked non-empty");
     let mut cmd = tokio::process::Command::new(prog);
@@ -1079,6 +1109,11 @@ pub async fn run(args: RegisterArgs) -> Result<u8, (u8, String)> {
     let child = if plan.command.is_empty() {
         None
     } else {
+        // Orphans of the command come to us (not to init), to be reaped: see reap_orphans.
+        // SAFETY: prctl with an integer argument, no pointers.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
         let child = spawn_child(&plan.command).map_err(|e| (1, e))?;
         tracing::info!(pid = child.id(), command = ?plan.command, "started the command");
         Some(child)
@@ -1086,6 +1121,9 @@ pub async fn run(args: RegisterArgs) -> Result<u8, (u8, String)> {
     let keeper = tokio::spawn(Keeper::new(plan.clone(), http).keep(stop.clone(), check));
 
     let Some(child) = child else {
+        crate::shutdown::ignore_hangup(
+            "the agent has nothing to reload (with a command, SIGHUP goes to it)",
+        );
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
@@ -1108,6 +1146,7 @@ async fn supervise(
     mut int: tokio::signal::unix::Signal,
 ) -> Result<u8, (u8, String)> {
     let pid = child.id().map(|p| p as libc::pid_t).unwrap_or(0);
+    tokio::spawn(reap_orphans(pid));
     let mut passed = Vec::new();
     for (kind, no) in [
         (SignalKind::hangup(), libc::SIGHUP),

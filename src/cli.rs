@@ -532,4 +532,8 @@ pub struct StatusArgs {
     /// Bearer token for the API (needed with --token-reads).
     #[arg(long, env = "ROLLCALL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// Read the token from this file (first line).
+    #[arg(long, env = "ROLLCALL_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
 }

@@ -140,12 +140,8 @@ impl ServeConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let allow_query = parse_nets("allow-query", &a.allow_query)?;
-        let max_wait = crate::api::parse_wait(&a.max_wait).map_err(|_| {
-            err(format!(
-                "--max-wait {:?} is not a duration: use e.g. 30s, 500ms or 10m",
-                a.max_wait
-            ))
-        })?;
+        let max_wait = crate::clock::parse_duration(&a.max_wait)
+            .map_err(|e| err(format!("--max-wait {e}")))?;
         if max_wait.is_zero() {
             return Err(err("--max-wait must be more than 0"));
         }
@@ -232,11 +228,7 @@ impl ServeConfig {
 }
 
 fn parse_duration_flag(flag: &str, s: &str) -> Result<std::time::Duration, ConfigError> {
-    let d = crate::api::parse_wait(s).map_err(|_| {
-        err(format!(
-            "--{flag} {s:?} is not a duration: use e.g. 2s, 500ms or 5m"
-        ))
-    })?;
+    let d = crate::clock::parse_duration(s).map_err(|e| err(format!("--{flag} {e}")))?;
     if d.is_zero() {
         return Err(err(format!("--{flag} must be more than 0")));
     }

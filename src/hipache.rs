@@ -77,34 +77,7 @@ pub struct SyncConfig {
     pub token: Option<String>,
 }
 
-/// Parses `60s`, `500ms`, `2m`, `1h`, `1.5s` or a bare number of seconds (`0` is zero).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 60s, 500ms, 2m or 0"))?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        u => {
-            return Err(format!(
-                "{s:?} has an unknown unit {u:?}: use ms, s, m or h (e.g. 60s)"
-            ))
-        }
-    };
-    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
-        return Err(format!(
-            "{s:?} is out of range: use e.g. 60s, 500ms, 2m or 0"
-        ));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use crate::clock::parse_duration;
 
 /// A frontend host as hipache looks it up: a host name, `*.<domain>` or the catch-all `*`.
 fn parse_frontend(raw: &str) -> Result<String, String> {
@@ -343,6 +316,9 @@ pub fn backend_url(scheme: &str, ip: IpAddr, port: u16) -> String {
 pub async fn run(args: HipacheArgs) -> Result<u8, (u8, String)> {
     let cfg = SyncConfig::from_args(args).map_err(|e| (2, e))?;
     let cancel = crate::shutdown::on_signals();
+    crate::shutdown::ignore_hangup(
+        "hipache-sync has nothing to reload (it follows the role and checks redis continuously)",
+    );
     run_with(cfg, cancel).await
 }
 

@@ -35,7 +35,7 @@ async fn run(command: Command) -> ExitCode {
             Ok(cfg) => rollcall::server::serve(cfg, rollcall::shutdown::on_signals())
                 .await
                 .map(|()| 0)
-                .map_err(|e| (2, e.to_string())),
+                .map_err(|e| (e.exit_code(), e.to_string())),
             Err(e) => Err((2, e.to_string())),
         },
         Command::Register(args) => rollcall::agent::run(args).await,

@@ -269,6 +269,17 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     })
 }
 
+impl StartError {
+    /// The process exit code: 2 for what the configuration says (a zone file), 1 for what
+    /// the machine refuses (an address in use, the data dir locked or failing).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Zone(_) => 2,
+            StartError::InUse { .. } | StartError::Bind { .. } | StartError::Journal(_) => 1,
+        }
+    }
+}
+
 impl Running {
     /// Re-reads the zone files. On error the old zones stay served.
     pub fn reload_zones(&self) -> Result<usize, ZoneError> {

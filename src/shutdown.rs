@@ -21,3 +21,16 @@ pub fn on_signals() -> CancellationToken {
     });
     token
 }
+
+/// Logs and otherwise ignores SIGHUP (whose default action would end the process with 129):
+/// for the clients, which have nothing to reload. `why` says so in the log line.
+pub fn ignore_hangup(why: &'static str) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP ignored: {why}");
+        }
+    });
+}

@@ -8,28 +8,25 @@ use crate::api::model::{NodeOut, RoleOut, RolesOut};
 use crate::cli::StatusArgs;
 
 pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
-    let apis: Vec<String> = args
+    // The same URL rules as `register`: plain http, a host, no query.
+    let apis = args
         .api
         .iter()
-        .map(|a| a.trim().trim_end_matches('/').to_owned())
+        .map(|a| a.trim())
         .filter(|a| !a.is_empty())
-        .collect();
-    if let Some(api) = apis
-        .iter()
-        .find(|a| !a.starts_with("http://") && !a.starts_with("https://"))
-    {
-        return Err((
-            2,
-            format!("--api {api:?} is not an http:// URL (e.g. http://127.0.0.1:8053)"),
-        ));
-    }
+        .map(crate::agent::api_url)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (2, e))?;
     let Some(first) = apis.first().cloned() else {
         return Err((2, "--api is empty: give e.g. http://127.0.0.1:8053".into()));
     };
+    let token = crate::config::read_token(args.token.clone(), args.token_file.as_ref())
+        .map_err(|e| (2, e.to_string()))?;
     // Several servers: the first that answers.
     let mut api = first;
     if apis.len() > 1 {
         let probe = reqwest::Client::builder()
+            .no_proxy()
             .timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| (1, e.to_string()))?;
@@ -53,22 +50,19 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
         ),
         None => None,
     };
+    // Like `register`: rollcall is reached directly, never through an HTTP proxy.
     let client = reqwest::Client::builder()
+        .no_proxy()
         .build()
         .map_err(|e| (1, e.to_string()))?;
     let get = |url: String| {
         let mut req = client.get(url);
-        if let Some(t) = &args.token {
+        if let Some(t) = &token {
             req = req.bearer_auth(t);
         }
         req
     };
-    let unreachable = |e: reqwest::Error| {
-        (
-            1,
-            format!("cannot reach rollcall at {api}: {e} (is `rollcall serve` running? see --api)"),
-        )
-    };
+    let unreachable = |e: FetchError| (1, e.explain(&api));
     let mut index = 0u64;
     loop {
         // Which roles, at which index (blocking after the first round with --watch).
@@ -108,7 +102,11 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
             text = serde_json::to_string(&doc).expect("serializes") + "\n";
         } else {
             if args.watch {
-                text.push_str("\x1b[2J\x1b[H"); // clear the screen
+                // Clear the screen between redraws on a terminal only: a pipe or a file
+                // gets the tables one after another, without escape codes.
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    text.push_str("\x1b[2J\x1b[H");
+                }
             }
             text.push_str(&table(index, &nodes));
         }
@@ -128,15 +126,49 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
     }
 }
 
+/// Why a request to the API failed: not reached, or answered with an error.
+enum FetchError {
+    Unreachable(String),
+    Answered(reqwest::StatusCode, String),
+}
+
+impl FetchError {
+    /// One sentence: the cause, and what to do.
+    fn explain(&self, api: &str) -> String {
+        match self {
+            FetchError::Unreachable(why) => format!(
+                "cannot reach rollcall at {api}: {why} (is `rollcall serve` running? see --api)"
+            ),
+            FetchError::Answered(status, msg) if status.as_u16() == 401 => format!(
+                "rollcall at {api} answered {status}: {msg} (give the server's token with --token or --token-file)"
+            ),
+            FetchError::Answered(status, msg) => {
+                format!("rollcall at {api} answered {status}: {msg}")
+            }
+        }
+    }
+}
+
 async fn fetch<T: serde::de::DeserializeOwned>(
     req: reqwest::RequestBuilder,
-) -> Result<T, reqwest::Error> {
-    req.timeout(Duration::from_secs(90))
+) -> Result<T, FetchError> {
+    let resp = req
+        .timeout(Duration::from_secs(90))
         .send()
-        .await?
-        .error_for_status()?
-        .json()
         .await
+        .map_err(|e| FetchError::Unreachable(crate::etcd::chain(&e)))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        return Err(FetchError::Answered(status, msg.trim().to_owned()));
+    }
+    resp.json()
+        .await
+        .map_err(|e| FetchError::Unreachable(format!("an answer that is not rollcall's: {e}")))
 }
 
 /// `1h02m`, `3m05s`, `4.2s`.

@@ -231,13 +231,14 @@ fn a_second_server_on_the_same_data_dir_refuses() {
         .arg(&zones)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    // A runtime failure (README: exit 1), not a usage error (2).
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is locked by another rollcall"), "{err}");
 }
 
 #[test]
-fn port_in_use_and_bad_zone_files_exit_2_with_a_sentence() {
+fn port_in_use_exits_1_and_bad_zone_files_exit_2_with_a_sentence() {
     let dir = tempfile::tempdir().unwrap();
     let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
@@ -255,7 +256,8 @@ fn port_in_use_and_bad_zone_files_exit_2_with_a_sentence() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    // The machine refuses (exit 1), the flags are fine.
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!("127.0.0.1:{port}"))
@@ -482,12 +484,62 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     watch.kill().unwrap();
     watch.wait().unwrap();
 
+    // The table form of --watch into a pipe: tables one after another, no escape codes.
+    let mut watch = Command::new(rollcall_bin())
+        .args(["status", "--api", &server.api(), "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let head = lines.next().unwrap().unwrap();
+    assert!(head.starts_with("ROLE"), "{head:?}");
+    assert!(!head.contains('\x1b'), "escape codes in a pipe: {head:?}");
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+
     let out = Command::new(rollcall_bin())
         .args(["status", "--api", "http://127.0.0.1:1"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach rollcall"));
+
+    // An error answer is reported as one, with what to do; the token may come from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let guarded = ServeProc::start(
+        &dir.path().join("data"),
+        &dir.path().join("zones"),
+        &["--token", "s3cret", "--token-reads"],
+    );
+    let out = Command::new(rollcall_bin())
+        .args(["status", "--api", &guarded.api()])
+        .env_remove("ROLLCALL_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("401") && err.contains("--token-file") && !err.contains("cannot reach"),
+        "{err}"
+    );
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let out = Command::new(rollcall_bin())
+        .args(["status", "--api", &guarded.api(), "--token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(rollcall_bin())
+        .args(["status", "--api", "https://127.0.0.1:8053"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plain HTTP"));
 }
 
 #[test]

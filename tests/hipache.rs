@@ -423,6 +423,13 @@ fn lists_follow_the_role() {
     register(&api, "front5", "10.0.0.5", 300);
     let last = list(ROLE, &["http://10.0.0.5:8080"]);
     s.redis.wait_list(key, &last);
+    // SIGHUP is logged and ignored (its default would end the process with 129).
+    sync.signal("HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        sync.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended hipache-sync"
+    );
     sync.signal("TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {

@@ -921,6 +921,88 @@ fn agent_without_a_command_deregisters_on_sigterm_and_sigint() {
     }
 }
 
+/// SIGHUP (a closed terminal, a stray `kill -HUP`) does not end an agent without a command:
+/// it logs and keeps the node registered.
+#[test]
+fn agent_without_a_command_survives_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &dir.path().join("zones"), &[]);
+    let mut a = Killed(agent(&server.api(), &["--role", "solo", "--node", "n-hup"]));
+    let name = "n-hup.solo.cluster.";
+    assert!(eventually(Duration::from_secs(10), || {
+        dns_a(server.dns, name).is_some_and(|a| !a.is_empty())
+    }));
+    kill(a.0.id(), libc::SIGHUP);
+    assert!(
+        wait_exit(&mut a.0, Duration::from_secs(1)).is_none(),
+        "SIGHUP ended the agent"
+    );
+    assert!(dns_a(server.dns, name).is_some_and(|a| !a.is_empty()));
+    kill(a.0.id(), libc::SIGTERM);
+    let status = wait_exit(&mut a.0, Duration::from_secs(10)).expect("agent did not exit");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// What the command leaves behind (a shell's background job that outlives it) is re-parented
+/// to the agent and reaped when it exits: no zombies, whether the agent is PID 1 or not.
+#[test]
+fn agent_reaps_the_orphans_of_its_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &dir.path().join("zones"), &[]);
+    let mut a = Killed(agent(
+        &server.api(),
+        &[
+            "--role",
+            "reap",
+            "--node",
+            "r1",
+            "--drain",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "(sleep 0.3 &); exec sleep 60",
+        ],
+    ));
+    let me = a.0.id();
+    // The orphaned `sleep 0.3` becomes the agent's child...
+    assert!(
+        eventually(Duration::from_secs(5), || children_of(me).iter().any(
+            |c| cmdline(*c).contains("sleep0.3") || cmdline(*c).contains("sleep 0.3")
+        )),
+        "the orphan was not re-parented to the agent: {:?}",
+        children_of(me)
+            .iter()
+            .map(|c| cmdline(*c))
+            .collect::<Vec<_>>()
+    );
+    // ...and once it exits, it is reaped: no zombie child.
+    std::thread::sleep(Duration::from_millis(1500));
+    let zombies: Vec<u32> = children_of(me)
+        .into_iter()
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rfind(')')
+                        .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        zombies.is_empty(),
+        "zombie children of the agent: {zombies:?}"
+    );
+    assert!(
+        children_of(me).iter().any(|c| cmdline(*c).contains("60")),
+        "the command itself still runs"
+    );
+    kill(me, libc::SIGTERM);
+    let status = wait_exit(&mut a.0, Duration::from_secs(10)).expect("agent did not exit");
+    assert_eq!(status.code(), Some(143));
+}
+
 /// With `--check`: registered only while the check passes.
 #[test]
 fn agent_is_registered_only_while_its_check_passes() {

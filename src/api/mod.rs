@@ -431,6 +431,15 @@ async fn record(
     resp
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110 section 11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+}
+
 /// Bearer-token check for writes (and reads with `--token-reads`), in constant time.
 async fn authorize(
     State(state): State<AppState>,
@@ -440,13 +449,13 @@ async fn authorize(
     if let Some(token) = &state.access.token {
         let write = !matches!(*req.method(), Method::GET | Method::HEAD)
             || req.uri().path().ends_with("/session");
-        let exempt = req.uri().path() == "/healthz";
+        let exempt = matches!(req.uri().path(), "/healthz" | "/readyz");
         if (write || state.access.token_reads) && !exempt {
             let given = req
                 .headers()
                 .get(axum::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(bearer)
                 .unwrap_or("");
             if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
                 return ApiError::new(
@@ -717,7 +726,7 @@ async fn node_get(
 }
 
 #[utoipa::path(get, path = "/v1/roles", tag = "roles",
-    params(("index" = Option<String>, Query, description = "Blocking query: wait until the index exceeds this", pattern = r"^[0-9]{1,19}$"), ("wait" = Option<String>, Query, description = "Longest wait: 30s, 500ms, 2m or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m)?$")),
+    params(("index" = Option<String>, Query, description = "Blocking query: wait until the index exceeds this", pattern = r"^[0-9]{1,19}$"), ("wait" = Option<String>, Query, description = "Longest wait: 500ms, 30s, 2m, 1h, 1d or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m|h|d)?$")),
     responses(
         (status = 200, description = "Roles and node counts", body = RolesOut,
             headers(("X-Rollcall-Index" = u64, description = "Generation index"))),
@@ -772,7 +781,7 @@ impl BlockingParams {
 }
 
 #[utoipa::path(get, path = "/v1/roles/{role}", tag = "roles",
-    params(("role" = String, Path, description = "Role: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("index" = Option<String>, Query, description = "Blocking query: wait until the index exceeds this", pattern = r"^[0-9]{1,19}$"), ("wait" = Option<String>, Query, description = "Longest wait: 30s, 500ms, 2m or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m)?$")),
+    params(("role" = String, Path, description = "Role: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("index" = Option<String>, Query, description = "Blocking query: wait until the index exceeds this", pattern = r"^[0-9]{1,19}$"), ("wait" = Option<String>, Query, description = "Longest wait: 500ms, 30s, 2m, 1h, 1d or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m|h|d)?$")),
     responses(
         (status = 200, description = "The role's live nodes (empty for an unknown role)", body = RoleOut,
             headers(("X-Rollcall-Index" = u64, description = "Index of the role's last change"))),
@@ -811,26 +820,14 @@ async fn role_get(
 }
 
 /// `30s`, `500ms`, `2m`, or a bare number of seconds.
+/// A `wait=` value, in the one duration syntax (`clock::parse_duration`); a wait longer than
+/// the server allows is cut to it by the caller, not refused.
 pub fn parse_wait(s: &str) -> Result<Duration, ApiError> {
-    let bad = || {
-        ApiError::bad_request(format!(
-            "wait {s:?} is not a duration: use e.g. 30s, 500ms or 2m"
-        ))
-    };
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, ""), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(secs.min(MAX_WAIT.as_secs_f64())))
+    let secs =
+        crate::clock::parse_secs(s).map_err(|e| ApiError::bad_request(format!("wait {e}")))?;
+    Ok(Duration::from_secs_f64(
+        secs.min(crate::clock::MAX_DURATION.as_secs_f64()),
+    ))
 }
 
 fn with_index(index: u64, body: impl IntoResponse) -> Response {
