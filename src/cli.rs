@@ -85,6 +85,13 @@ pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError>
                     )));
                 };
                 if key != sub {
+                    // Not this command's table: checked all the same, so that a typo in
+                    // any table is found the first time the file is used.
+                    let other = cmd.find_subcommand(&key).expect("a known subcommand");
+                    for k in table.keys() {
+                        check_key(other, &path, &format!("[{key}]"), &k.replace('_', "-"))
+                            .map_err(CliError::Config)?;
+                    }
                     continue;
                 }
                 for (k, v) in table {
@@ -115,6 +122,31 @@ pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError>
     Cli::from_arg_matches(&matches).map_err(CliError::Clap)
 }
 
+/// An error naming the file, the table and the valid keys when `key` is not a flag of `cmd`.
+fn check_key(
+    cmd: &clap::Command,
+    path: &std::path::Path,
+    table: &str,
+    key: &str,
+) -> Result<(), String> {
+    if cmd
+        .get_arguments()
+        .any(|a| a.get_long() == Some(key) && key != "config" && key != "help")
+    {
+        return Ok(());
+    }
+    let valid: Vec<&str> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| !["help", "version", "config"].contains(l))
+        .collect();
+    Err(format!(
+        "--config {}: unknown key {key:?} in {table}; valid keys: {}",
+        path.display(),
+        valid.join(", ")
+    ))
+}
+
 /// Turns one config entry into flags, unless the command line or the environment sets it.
 fn config_arg(
     cmd: &clap::Command,
@@ -141,10 +173,15 @@ fn config_arg(
         ));
     };
     let flag = format!("--{key}");
-    let on_command_line = argv.iter().any(|a| {
-        a.to_str()
-            .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
-    });
+    // Only the user's own flags count: what follows `--` belongs to the child command
+    // (`register ... -- app --port 9090` must not drop the file's `port`).
+    let on_command_line = argv
+        .iter()
+        .take_while(|a| a.to_str() != Some("--"))
+        .any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        });
     let in_env = arg
         .get_env()
         .and_then(std::env::var_os)

@@ -118,6 +118,14 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         tracing::debug!(limit = n, "open files limit");
     }
     let statics = dns::zones::load_dir(&config.zones_dir)?;
+    if statics.is_empty() {
+        let dir = std::path::absolute(&config.zones_dir).unwrap_or(config.zones_dir.clone());
+        if dir.is_dir() {
+            tracing::info!(zones = %dir.display(), "no zone files (*.zone) in the zones dir: serving registered roles only");
+        } else {
+            tracing::info!(zones = %dir.display(), "the zones dir does not exist: serving registered roles only (give --zones DIR for static records)");
+        }
+    }
     for z in &statics {
         tracing::info!(zone = %z.origin, file = %z.path.display(), records = z.record_count, "loaded zone file");
     }
@@ -144,7 +152,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             if let Some(why) = &journal.compaction_deferred {
                 tracing::warn!(data_dir = %dir.display(), "could not compact the log at start ({why}); appending to it instead: free some space");
             }
-            tracing::info!(data_dir = %dir.display(), nodes = loaded.nodes.len(), "opened the data dir");
+            let shown = std::path::absolute(dir).unwrap_or(dir.clone());
+            tracing::info!(data_dir = %shown.display(), nodes = loaded.nodes.len(), "opened the data dir");
             (Box::new(journal), loaded)
         }
         None => {

@@ -603,6 +603,15 @@ fn config_file_sets_defaults_and_flags_override_it() {
         err.contains("unknown key \"dns-listn\" in [serve]") && err.contains("dns-listen"),
         "{err}"
     );
+    // Every table is checked, not only the running command's.
+    std::fs::write(&cfg, "[serve]\n[status]\nbogus = 1\n").unwrap();
+    let out = Command::new(rollcall_bin())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown key \"bogus\" in [status]"), "{err}");
     std::fs::write(&cfg, "[serve\n").unwrap();
     let out = Command::new(rollcall_bin())
         .args(["serve", "--config", cfg.to_str().unwrap()])
@@ -610,6 +619,56 @@ fn config_file_sets_defaults_and_flags_override_it() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not valid TOML"));
+}
+
+/// The child command's own arguments (after `--`) never override the config file: the
+/// file's `port` applies even when the child takes a `--port` of its own.
+#[test]
+fn config_values_apply_whatever_follows_the_double_dash() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &dir.path().join("zones"), &[]);
+    let cfg = dir.path().join("reg.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[register]\napi = \"{}\"\nrole = \"cfg\"\nnode = \"c1\"\naddr = \"127.0.0.9\"\nport = 8080\n",
+            server.api()
+        ),
+    )
+    .unwrap();
+    let mut agent = Command::new(rollcall_bin())
+        .args([
+            "register",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--drain",
+            "0",
+            "--",
+        ])
+        .args([
+            "sh",
+            "-c",
+            "exec sleep 60",
+            "child",
+            "--port",
+            "9090",
+            "--role",
+            "x",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let node = util::eventually(Duration::from_secs(10), || {
+        http()
+            .get(format!("{}/v1/roles/cfg/nodes/c1", server.api()))
+            .send()
+            .ok()
+            .and_then(|r| r.json::<serde_json::Value>().ok())
+            .is_some_and(|v| v["port"] == 8080)
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(node, "the file's port (8080) was not registered");
 }
 
 #[test]
