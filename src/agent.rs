@@ -19,7 +19,6 @@
 //! renewals, backoff, deregistration when stopped), the *check* task (feeds a watch channel) and
 //! [`run`], which owns the signals and the child.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -147,41 +146,7 @@ pub fn default_node_name() -> Result<Label, String> {
     })
 }
 
-/// One `--api` URL, validated (plain http, a host, no query), without a trailing `/`.
-pub fn api_url(api: &str) -> Result<String, String> {
-    let url = reqwest::Url::parse(api).map_err(|e| {
-        format!(
-            "--api {:?} is not a URL ({e}): use e.g. http://127.0.0.1:8053",
-            api
-        )
-    })?;
-    match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(format!(
-                "--api {:?}: this build speaks plain HTTP only; reach rollcall over a \
-                     private network or a local TLS-terminating proxy",
-                api
-            ))
-        }
-        other => {
-            return Err(format!(
-                "--api {:?} has the scheme {other:?}: use http://HOST:PORT",
-                api
-            ))
-        }
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("--api {:?} has no host", api));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
-            "--api {:?}: give the base URL only, without ?query or #fragment",
-            api
-        ));
-    }
-    Ok(url.as_str().trim_end_matches('/').to_owned())
-}
+pub use crate::client::api_url;
 
 /// Everything `rollcall register` was asked to do, validated.
 #[derive(Clone, Debug)]
@@ -202,19 +167,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn from_args(a: RegisterArgs) -> Result<Plan, String> {
-        let apis = a
-            .api
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .map(api_url)
-            .collect::<Result<Vec<_>, _>>()?;
-        if apis.is_empty() {
-            return Err(
-                "--api is empty: give the URL of a rollcall server, e.g. http://127.0.0.1:8053"
-                    .into(),
-            );
-        }
+        let apis = crate::client::api_urls(&a.api)?;
 
         let role = Label::parse(&a.role).map_err(|e| format!("--role {:?} {e}", a.role))?;
         let node = match &a.node {
@@ -320,20 +273,7 @@ impl Plan {
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 
-/// An error with its causes, `a: b: c` (reqwest's own Display hides the interesting part).
-fn chain(e: &dyn StdError) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+use crate::client::chain;
 
 fn fmt_dur(d: Duration) -> String {
     if d.as_millis().is_multiple_of(1000) {
@@ -613,12 +553,8 @@ impl Keeper {
             let v: serde_json::Value = resp.json().await.unwrap_or_default();
             return Ok(v["addr"].as_str().unwrap_or("?").to_owned());
         }
-        let text = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or(text);
-        let detail = format!("HTTP {status}: {}", msg.trim());
+        let msg = crate::client::error_message(&resp.text().await.unwrap_or_default());
+        let detail = format!("HTTP {status}: {msg}");
         if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
             // A refused request changes nothing.
             self.registered = before;
@@ -1086,10 +1022,7 @@ pub async fn run(args: RegisterArgs) -> Result<u8, (u8, String)> {
     };
     let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
     let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .connect_timeout(Duration::from_secs(2))
+    let http = crate::client::http(Duration::from_secs(2), Some(REQUEST_TIMEOUT))
         // A fresh connection per request: nothing stale to trip over after a server restart.
         .pool_max_idle_per_host(0)
         .build()

@@ -25,8 +25,6 @@
 //!   once when it goes down and once when it comes back, never once per retry.
 
 use std::collections::BTreeSet;
-use std::error::Error as StdError;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -123,42 +121,8 @@ fn redact(url: &str) -> String {
 
 /// `…/v1/roles/<role>` on one `--api` server, validated.
 fn role_url_of(api_s: &str, role: &Label) -> Result<Url, String> {
-    let mut api = Url::parse(api_s).map_err(|e| {
-        format!(
-            "--api {:?} is not a URL ({e}): use e.g. http://127.0.0.1:8053",
-            api_s
-        )
-    })?;
-    match api.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(format!(
-                "--api {:?}: this build speaks plain http only; use http:// (put rollcall \
-                     on a private network or behind a TLS-terminating proxy on the same host)",
-                api_s
-            ))
-        }
-        s => {
-            return Err(format!(
-                "--api {:?} has scheme {s:?}: use http://host:port, e.g. http://127.0.0.1:8053",
-                api_s
-            ))
-        }
-    }
-    if api.host_str().is_none_or(str::is_empty) {
-        return Err(format!(
-            "--api {:?} has no host: use e.g. http://127.0.0.1:8053",
-            api_s
-        ));
-    }
-    if !api.path().ends_with('/') {
-        let p = format!("{}/", api.path());
-        api.set_path(&p);
-    }
-    api.set_query(None);
-    api.set_fragment(None);
-    api.join(&format!("v1/roles/{role}"))
-        .map_err(|e| format!("--api {:?}: {e}", api_s))
+    let base = crate::client::api_url(api_s)?;
+    Url::parse(&format!("{base}/v1/roles/{role}")).map_err(|e| format!("--api {api_s:?}: {e}"))
 }
 
 impl SyncConfig {
@@ -324,8 +288,8 @@ pub async fn run(args: HipacheArgs) -> Result<u8, (u8, String)> {
 
 /// Runs until `cancel` fires; returns 0 then.
 pub async fn run_with(cfg: SyncConfig, cancel: CancellationToken) -> Result<u8, (u8, String)> {
-    let http = reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
+    // Like every client subcommand: rollcall is reached directly, never through a proxy.
+    let http = crate::client::http(CONNECT_TIMEOUT, None)
         .build()
         .map_err(|e| (1, format!("cannot set up the HTTP client: {}", chain(&e))))?;
     let client = redis::Client::open(cfg.redis.clone())
@@ -457,19 +421,7 @@ async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
-/// An error with its sources, on one line.
-fn chain(e: &dyn StdError) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            let _ = write!(s, ": {text}");
-        }
-        cur = inner.source();
-    }
-    s
-}
+use crate::client::chain;
 
 /// Follows the role on the rollcall API and publishes the wanted list.
 struct Follower {
@@ -560,11 +512,7 @@ impl Follower {
         let resp = req.send().await.map_err(|e| chain(&e))?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            let msg = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
-                .unwrap_or(body);
+            let msg = crate::client::error_message(&resp.text().await.unwrap_or_default());
             return Err(format!("the API answered {status}: {msg}"));
         }
         resp.json::<RoleOut>()

@@ -8,11 +8,12 @@
 //! - [`dns`]: snapshot, query path, UDP and TCP transports, zone files;
 //! - [`api`]: the HTTP API (axum);
 //! - [`server`]: `rollcall serve`, wiring the above together;
-//! - [`agent`], [`hipache`], [`status`]: the client subcommands.
+//! - [`agent`], [`hipache`], [`status`]: the client subcommands, over [`client`].
 
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dns;

@@ -9,25 +9,14 @@ use crate::cli::StatusArgs;
 
 pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
     // The same URL rules as `register`: plain http, a host, no query.
-    let apis = args
-        .api
-        .iter()
-        .map(|a| a.trim())
-        .filter(|a| !a.is_empty())
-        .map(crate::agent::api_url)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| (2, e))?;
-    let Some(first) = apis.first().cloned() else {
-        return Err((2, "--api is empty: give e.g. http://127.0.0.1:8053".into()));
-    };
+    let apis = crate::client::api_urls(&args.api).map_err(|e| (2, e))?;
+    let first = apis[0].clone();
     let token = crate::config::read_token(args.token.clone(), args.token_file.as_ref())
         .map_err(|e| (2, e.to_string()))?;
     // Several servers: the first that answers.
     let mut api = first;
     if apis.len() > 1 {
-        let probe = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(2))
+        let probe = crate::client::http(Duration::from_secs(2), Some(Duration::from_secs(2)))
             .build()
             .map_err(|e| (1, e.to_string()))?;
         for a in &apis {
@@ -51,8 +40,7 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
         None => None,
     };
     // Like `register`: rollcall is reached directly, never through an HTTP proxy.
-    let client = reqwest::Client::builder()
-        .no_proxy()
+    let client = crate::client::http(Duration::from_secs(5), None)
         .build()
         .map_err(|e| (1, e.to_string()))?;
     let get = |url: String| {
@@ -156,15 +144,11 @@ async fn fetch<T: serde::de::DeserializeOwned>(
         .timeout(Duration::from_secs(90))
         .send()
         .await
-        .map_err(|e| FetchError::Unreachable(crate::etcd::chain(&e)))?;
+        .map_err(|e| FetchError::Unreachable(crate::client::chain(&e)))?;
     let status = resp.status();
     if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or(text);
-        return Err(FetchError::Answered(status, msg.trim().to_owned()));
+        let msg = crate::client::error_message(&resp.text().await.unwrap_or_default());
+        return Err(FetchError::Answered(status, msg));
     }
     resp.json()
         .await

@@ -1,0 +1,116 @@
+//! What the three client subcommands (`register`, `hipache-sync`, `status`) share to talk to
+//! the API: one rule for `--api` URLs, one HTTP client set-up (never through a proxy: rollcall
+//! is reached directly), one way to read an error answer, one error chain.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+/// One `--api` URL, validated (plain http, a host, no query or fragment), returned without
+/// a trailing `/`.
+pub fn api_url(api: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(api)
+        .map_err(|e| format!("--api {api:?} is not a URL ({e}): use e.g. http://127.0.0.1:8053"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "--api {api:?}: this build speaks plain HTTP only; reach rollcall over a \
+                 private network or a local TLS-terminating proxy"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "--api {api:?} has the scheme {other:?}: use http://HOST:PORT"
+            ))
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "--api {api:?} has no host: use e.g. http://127.0.0.1:8053"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "--api {api:?}: give the base URL only, without ?query or #fragment"
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// Every `--api` value (comma-separated or repeated), validated; at least one.
+pub fn api_urls(values: &[String]) -> Result<Vec<String>, String> {
+    let urls = values
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(api_url)
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(
+            "--api is empty: give the URL of a rollcall server, e.g. http://127.0.0.1:8053".into(),
+        );
+    }
+    Ok(urls)
+}
+
+/// The HTTP client of a client subcommand: no proxy, a connect timeout, and `timeout` per
+/// request when given.
+pub fn http(connect: Duration, timeout: Option<Duration>) -> reqwest::ClientBuilder {
+    let b = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(connect);
+    match timeout {
+        Some(t) => b.timeout(t),
+        None => b,
+    }
+}
+
+/// The sentence of an API error answer (`{"error": "..."}`), or the body as it is.
+pub fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| body.to_owned())
+        .trim()
+        .to_owned()
+}
+
+/// An error and its sources on one line (reqwest's outermost message alone says little).
+pub fn chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        if !s.contains(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_urls_are_plain_http_base_urls() {
+        assert_eq!(
+            api_url("http://10.0.0.1:8053/").unwrap(),
+            "http://10.0.0.1:8053"
+        );
+        assert!(api_url("https://x").unwrap_err().contains("plain HTTP"));
+        assert!(api_url("ftp://x").unwrap_err().contains("scheme"));
+        assert!(api_url("http://x/?a=1").unwrap_err().contains("base URL"));
+        assert!(api_url("nonsense").unwrap_err().contains("not a URL"));
+        let two = api_urls(&["http://a:1".into(), " http://b:2 ".into(), "".into()]).unwrap();
+        assert_eq!(two, ["http://a:1", "http://b:2"]);
+        assert!(api_urls(&[]).is_err());
+        assert_eq!(
+            error_message(r#"{"error":" no such node "}"#),
+            "no such node"
+        );
+        assert_eq!(error_message("plain text"), "plain text");
+    }
+}
