@@ -43,6 +43,7 @@ pub struct Running {
     pub registry: Registry,
     builder: Arc<Mutex<Builder>>,
     config: ServeConfig,
+    reserved: Arc<arc_swap::ArcSwap<std::collections::BTreeSet<String>>>,
     shutdown: CancellationToken,
     registry_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
@@ -250,7 +251,15 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             .expect("spawning a thread")
     };
 
+    let reserved = Arc::new(arc_swap::ArcSwap::from_pointee(reserved_roles(
+        &config,
+        &builder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .statics_names(),
+    )));
     let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone())
+        .with_reserved_roles(reserved.clone())
         .with_dns_stats(dns_stats)
         .with_max_wait(config.max_wait)
         .with_max_waiters_per_client(config.max_waits_per_client);
@@ -269,6 +278,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         registry,
         builder,
         config,
+        reserved,
         shutdown,
         registry_task,
         http_task,
@@ -276,6 +286,34 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         udp_threads,
         _stop_on_drop: stop_on_drop,
     })
+}
+
+/// The labels directly below the dynamic zone's apex that static names use (the zone files'
+/// names in it, and the name server's own name): a role of that name would hide them.
+fn reserved_roles(
+    config: &ServeConfig,
+    statics: &[Box<[u8]>],
+) -> std::collections::BTreeSet<String> {
+    let zone = dns::snapshot::wire_name(&config.zone);
+    let mut out = std::collections::BTreeSet::new();
+    let ns = dns::snapshot::wire_name(&config.ns_name);
+    for name in statics.iter().map(|n| &**n).chain(std::iter::once(&*ns)) {
+        if name.len() <= zone.len() || !name.ends_with(&zone) {
+            continue;
+        }
+        // The last label before the zone's: walk the labels of the part above the apex.
+        let above = &name[..name.len() - zone.len()];
+        let (mut at, mut last) = (0, None);
+        while at < above.len() {
+            let len = usize::from(above[at]);
+            last = above.get(at + 1..at + 1 + len);
+            at += 1 + len;
+        }
+        if let Some(l) = last.and_then(|l| std::str::from_utf8(l).ok()) {
+            out.insert(l.to_owned());
+        }
+    }
+    out
 }
 
 impl StartError {
@@ -294,10 +332,23 @@ impl Running {
     pub fn reload_zones(&self) -> Result<usize, ZoneError> {
         let statics = dns::zones::load_dir(&self.config.zones_dir)?;
         let n = statics.len();
-        self.builder
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_statics(statics);
+        let mut b = self.builder.lock().unwrap_or_else(|p| p.into_inner());
+        b.set_statics(statics);
+        let reserved = reserved_roles(&self.config, &b.statics_names());
+        drop(b);
+        if let Ok(view) = self.registry.view() {
+            for role in view
+                .roles
+                .iter()
+                .filter(|(_, r)| !r.nodes.is_empty())
+                .map(|(n, _)| n)
+            {
+                if reserved.contains(role.as_str()) {
+                    tracing::warn!(%role, "a registered role has the name of a static name of the zone files: its nodes hide it until they leave; new registrations under it are refused");
+                }
+            }
+        }
+        self.reserved.store(Arc::new(reserved));
         Ok(n)
     }
 

@@ -671,6 +671,45 @@ fn config_values_apply_whatever_follows_the_double_dash() {
     assert!(node, "the file's port (8080) was not registered");
 }
 
+/// A role named like a static name of the dynamic zone would hide it (and `ns` would answer
+/// an address other than the NS glue): refused with 409, the static answer stays; a zone
+/// reload that adds a static name reserves it too.
+#[test]
+fn a_role_cannot_hide_a_static_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    let zone = "$ORIGIN cluster.\n$TTL 60\n@ IN SOA ns hostmaster 1 60 10 3600 1\n@ IN NS ns\nns IN A 127.0.0.1\nproxyserver IN A 10.0.0.99\n";
+    std::fs::write(zones.join("cluster.zone"), zone).unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &zones, &[]);
+    for role in ["proxyserver", "ns", "NS"] {
+        let r = put(&server.api(), role, "n1", r#"{"addr":"10.0.0.5"}"#);
+        assert_eq!(r.status(), 409, "role {role}");
+        let body: serde_json::Value = r.json().unwrap();
+        assert!(body["error"]
+            .as_str()
+            .unwrap()
+            .contains("pick another role name"));
+    }
+    let out = dig(server.dns, &["proxyserver.cluster", "+short"]);
+    assert_eq!(out.trim(), "10.0.0.99");
+    assert_eq!(
+        put(&server.api(), "web", "n1", r#"{"addr":"10.0.0.5"}"#).status(),
+        200
+    );
+    // Reload with a new static name: reserved from then on.
+    std::fs::write(
+        zones.join("cluster.zone"),
+        format!("{zone}db IN A 10.0.0.98\n"),
+    )
+    .unwrap();
+    server.signal("HUP");
+    server.wait_log("zone", Duration::from_secs(5));
+    assert!(util::eventually(Duration::from_secs(5), || {
+        put(&server.api(), "db", "n1", r#"{"addr":"10.0.0.5"}"#).status() == 409
+    }));
+}
+
 #[test]
 fn sigterm_stops_the_server_even_when_its_stderr_is_gone() {
     // A supervisor that died and closed our log pipe must not make the server unstoppable.

@@ -78,6 +78,9 @@ pub struct AppState {
             std::collections::HashMap<NodeKey, (u64, tokio_util::sync::CancellationToken)>,
         >,
     >,
+    /// Roles that would hide a static name of the dynamic zone (from the zone files, and the
+    /// name server's own name): registering under them is refused. Updated on zone reloads.
+    pub reserved_roles: Arc<arc_swap::ArcSwap<std::collections::BTreeSet<String>>>,
 }
 
 /// Blocking queries in progress at most; more get 503.
@@ -107,7 +110,17 @@ impl AppState {
             waiters_by_peer: Arc::default(),
             max_waiters_per_client: MAX_WAITERS_PER_CLIENT,
             live_sessions: Arc::default(),
+            reserved_roles: Arc::default(),
         }
+    }
+
+    /// Shares the set of reserved role names (see [`AppState::reserved_roles`]).
+    pub fn with_reserved_roles(
+        mut self,
+        reserved: Arc<arc_swap::ArcSwap<std::collections::BTreeSet<String>>>,
+    ) -> AppState {
+        self.reserved_roles = reserved;
+        self
     }
 
     /// Caps blocking queries per client address.
@@ -659,8 +672,9 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<RegisterBody, ApiEr
         (status = 400, description = "Bad label, address, ttl, port, field or JSON", body = ErrorBody),
         (status = 401, description = "Token required (--token)", body = ErrorBody),
         (status = 403, description = "Outside --allow-register", body = ErrorBody),
+        (status = 409, description = "The role would hide a static name of the zone (e.g. ns)", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 503, description = "Shutting down, or (etcd mode) etcd unreachable: retry after Retry-After", body = ErrorBody),
         (status = 507, description = "--max-nodes or --max-nodes-per-role reached", body = ErrorBody),
     ))]
 async fn node_put(
@@ -670,6 +684,16 @@ async fn node_put(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<NodeOut>, ApiError> {
     let key = parse_key(&role, &node)?;
+    if state.reserved_roles.load().contains(key.role.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "role {} would hide the static name {}.{} of the zone files (or the name \
+                 server's name): pick another role name",
+                key.role, key.role, state.access.zone
+            ),
+        ));
+    }
     let peer = peer_ip(peer);
     let spec = parse_spec(parse_body(body)?, peer)?;
     check_allowed(&state.access, peer, spec.addr)?;

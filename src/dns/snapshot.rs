@@ -473,6 +473,14 @@ impl Builder {
         self.out.clone()
     }
 
+    /// Every static name of the zone files (wire form, lower case).
+    pub fn statics_names(&self) -> Vec<Box<[u8]>> {
+        self.statics
+            .iter()
+            .flat_map(|z| z.names.keys().cloned())
+            .collect()
+    }
+
     pub fn set_statics(&mut self, statics: Vec<StaticZone>) {
         self.statics = statics;
         self.publish_now();
