@@ -206,8 +206,16 @@ fn glue(records: &BTreeMap<RrKey, RecordSet>, answers: &[Record]) -> Vec<Record>
 }
 
 /// hickory's parser does not say where it failed: find the first line whose prefix of the
-/// file fails with the same error. Quadratic, but only on a broken file of modest size.
+/// file fails with the same error. Once the bad line is in a prefix, every longer prefix
+/// fails with that same (first) error, and no shorter one does: a binary search over the
+/// line ends, O(log n) parses (a 4,000-record file: 12 parses, not 4,000).
 fn error_line(text: &str, path: &Path, origin: Option<Name>) -> Option<usize> {
+    let fails_the_same = |end: usize, full: &str| {
+        matches!(
+            Parser::new(&text[..end], Some(path.to_owned()), origin.clone()).parse(),
+            Err(e) if e.to_string() == full
+        )
+    };
     let full = Parser::new(text, Some(path.to_owned()), origin.clone())
         .parse()
         .err()?
@@ -217,21 +225,41 @@ fn error_line(text: &str, path: &Path, origin: Option<Name>) -> Option<usize> {
         .map(|(i, _)| i + 1)
         .chain([text.len()])
         .collect();
-    if ends.len() > 20_000 {
-        return None;
-    }
-    ends.iter().enumerate().find_map(|(i, &end)| {
-        let prefix = &text[..end];
-        match Parser::new(prefix, Some(path.to_owned()), origin.clone()).parse() {
-            Err(e) if e.to_string() == full => Some(i + 1),
-            _ => None,
+    // The first index whose prefix fails the same way (the last one always does).
+    let (mut lo, mut hi) = (0, ends.len() - 1);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if fails_the_same(ends[mid], &full) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
         }
-    })
+    }
+    fails_the_same(ends[lo], &full).then_some(lo + 1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_bad_line_of_a_big_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.zone");
+        let mut text = String::from(
+            "$TTL 60\n@ IN SOA ns hostmaster 1 60 10 3600 1\n@ IN NS ns\nns IN A 127.0.0.1\n",
+        );
+        for i in 0..4000 {
+            text.push_str(&format!("h{i} IN A 10.0.{}.{}\n", i / 250, i % 250 + 1));
+        }
+        text.push_str("bad IN A 10.0.0.300\n");
+        for i in 0..100 {
+            text.push_str(&format!("t{i} IN A 10.1.0.{}\n", i + 1));
+        }
+        std::fs::write(&path, text).unwrap();
+        let e = load_file(&path).err().expect("bad address must fail");
+        assert_eq!(e.line, Some(4005), "{e}");
+    }
 
     #[test]
     fn reports_file_and_line_of_a_bad_record() {
