@@ -13,7 +13,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = "rollcall keeps a live set of nodes per role (registered over HTTP with a TTL) and \
                   answers DNS for them: `dig appserver.cluster` returns every live appserver.\n\n\
                   Every flag also reads an environment variable: ROLLCALL_ + the flag in upper snake \
-                  case (--dns-listen -> ROLLCALL_DNS_LISTEN)."
+                  case (--dns-listen -> ROLLCALL_DNS_LISTEN). The names shared by several commands \
+                  mean the same thing in each (ROLLCALL_API, ROLLCALL_TOKEN, ROLLCALL_TOKEN_FILE, \
+                  ROLLCALL_CONFIG, ROLLCALL_LOG_FORMAT); a flag that would mean something else in \
+                  another command carries its command's name: hipache-sync's --role and --port are \
+                  ROLLCALL_HIPACHE_ROLE and ROLLCALL_HIPACHE_PORT, status's --role, --json and \
+                  --watch are ROLLCALL_STATUS_ROLE, _JSON and _WATCH (ROLLCALL_ROLE and \
+                  ROLLCALL_PORT are the agent's). A token given on the command line wins over \
+                  one inherited from the environment."
 )]
 pub struct Cli {
     /// Log format: text for people, json for log collectors. Filter with RUST_LOG (default info).
@@ -119,7 +126,28 @@ pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError>
         argv.splice(at..at, extra);
     }
     let matches = cmd.try_get_matches_from(argv).map_err(CliError::Clap)?;
-    Cli::from_arg_matches(&matches).map_err(CliError::Clap)
+    let mut cli = Cli::from_arg_matches(&matches).map_err(CliError::Clap)?;
+    // A token inherited from the environment never conflicts with one the user gives on the
+    // command line (or in the config file): the given one wins.
+    if let Some((_, sub)) = matches.subcommand() {
+        let from_env =
+            |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::EnvVariable);
+        let (env_token, env_file) = (from_env("token"), from_env("token_file"));
+        let (token, file) = match &mut cli.command {
+            Command::Serve(a) => (&mut a.token, &mut a.token_file),
+            Command::Register(a) => (&mut a.token, &mut a.token_file),
+            Command::HipacheSync(a) => (&mut a.token, &mut a.token_file),
+            Command::Status(a) => (&mut a.token, &mut a.token_file),
+        };
+        if token.is_some() && file.is_some() {
+            if env_token && !env_file {
+                *token = None;
+            } else if env_file && !env_token {
+                *file = None;
+            }
+        }
+    }
+    Ok(cli)
 }
 
 /// An error naming the file, the table and the valid keys when `key` is not a flag of `cmd`.
@@ -286,7 +314,7 @@ pub struct ServeArgs {
     pub token: Option<String>,
 
     /// Read the token from this file (first line).
-    #[arg(long, env = "ROLLCALL_TOKEN_FILE", conflicts_with = "token")]
+    #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
     /// Require the token on reads too.
@@ -474,7 +502,7 @@ pub struct RegisterArgs {
     pub token: Option<String>,
 
     /// Read the token from this file.
-    #[arg(long, env = "ROLLCALL_TOKEN_FILE", conflicts_with = "token")]
+    #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
     /// Command to run as a child (in its own process group): registered while it runs, signals
@@ -496,7 +524,7 @@ pub struct HipacheArgs {
     pub api: Vec<String>,
 
     /// Role whose nodes are hipache's backends.
-    #[arg(long, env = "ROLLCALL_ROLE", default_value = "frontserver")]
+    #[arg(long, env = "ROLLCALL_HIPACHE_ROLE", default_value = "frontserver")]
     pub role: String,
 
     /// Redis URL: redis://[:password@]host[:port][/db][#prefix] (the same URL as hipache's
@@ -524,7 +552,7 @@ pub struct HipacheArgs {
 
     /// Backend port; default: each node's registered port (when it has none: 80 for http,
     /// 443 for https).
-    #[arg(long, env = "ROLLCALL_PORT")]
+    #[arg(long, env = "ROLLCALL_HIPACHE_PORT")]
     pub port: Option<u16>,
 
     /// Re-read the role from the API at least this often, as a safety net besides the
@@ -538,7 +566,7 @@ pub struct HipacheArgs {
     pub token: Option<String>,
 
     /// Read the token from this file.
-    #[arg(long, env = "ROLLCALL_TOKEN_FILE", conflicts_with = "token")]
+    #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }
 
@@ -555,15 +583,15 @@ pub struct StatusArgs {
     pub api: Vec<String>,
 
     /// Show only this role.
-    #[arg(long, env = "ROLLCALL_ROLE")]
+    #[arg(long, env = "ROLLCALL_STATUS_ROLE")]
     pub role: Option<String>,
 
     /// Print JSON instead of a table.
-    #[arg(long, env = "ROLLCALL_JSON")]
+    #[arg(long, env = "ROLLCALL_STATUS_JSON")]
     pub json: bool,
 
     /// Redraw whenever the registrations change (blocking queries), until interrupted.
-    #[arg(long, env = "ROLLCALL_WATCH")]
+    #[arg(long, env = "ROLLCALL_STATUS_WATCH")]
     pub watch: bool,
 
     /// Bearer token for the API (needed with --token-reads).
@@ -571,6 +599,6 @@ pub struct StatusArgs {
     pub token: Option<String>,
 
     /// Read the token from this file (first line).
-    #[arg(long, env = "ROLLCALL_TOKEN_FILE", conflicts_with = "token")]
+    #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }

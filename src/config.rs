@@ -61,7 +61,13 @@ pub fn read_token(
     file: Option<&PathBuf>,
 ) -> Result<Option<String>, ConfigError> {
     let token = match (token, file) {
-        (Some(t), _) => Some(t),
+        (Some(_), Some(path)) => {
+            return Err(err(format!(
+                "both --token and --token-file ({}) are given: give one",
+                path.display()
+            )))
+        }
+        (Some(t), None) => Some(t),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| err(format!("--token-file {}: {e}", path.display())))?;

@@ -431,6 +431,15 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         text.contains("front1") && text.contains("2 nodes in 2 roles"),
         "{text}"
     );
+    let out = Command::new(rollcall_bin())
+        .args(["status", "--api", &server.api()])
+        .env("ROLLCALL_ROLE", "appserver")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2 nodes in 2 roles"),
+        "the agent's ROLLCALL_ROLE filtered status"
+    );
     // Several servers: the first that answers is used (a dead one first costs nothing).
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_api = format!("http://{}", dead.local_addr().unwrap());
@@ -534,6 +543,34 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The agent's environment (ROLLCALL_ROLE, as the images set it) does not filter status,
+    // and an inherited ROLLCALL_TOKEN does not conflict with a --token-file given here.
+    let out = Command::new(rollcall_bin())
+        .args(["status", "--api", &guarded.api(), "--token-file"])
+        .arg(&token_file)
+        .env("ROLLCALL_TOKEN", "inherited-and-wrong")
+        .env("ROLLCALL_ROLE", "appserver")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let both = Command::new(rollcall_bin())
+        .args([
+            "status",
+            "--api",
+            &guarded.api(),
+            "--token",
+            "s3cret",
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert_eq!(both.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&both.stderr).contains("give one"));
     let out = Command::new(rollcall_bin())
         .args(["status", "--api", "https://127.0.0.1:8053"])
         .output()

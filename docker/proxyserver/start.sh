@@ -31,7 +31,10 @@ set -euo pipefail
 : "${REDIS_PORT:=6379}"
 : "${HIPACHE_CONFIG:=/etc/hipache/config.json}"
 : "${HIPACHE_CMD:=hipache --config $HIPACHE_CONFIG}"
-export ROLLCALL_API ROLLCALL_ROLE ROLLCALL_FRONTEND
+export ROLLCALL_API ROLLCALL_FRONTEND
+# hipache-sync's own names for these (ROLLCALL_ROLE and ROLLCALL_PORT are the agent's).
+export ROLLCALL_HIPACHE_ROLE="$ROLLCALL_ROLE"
+if [ -n "${ROLLCALL_PORT:-}" ]; then export ROLLCALL_HIPACHE_PORT="$ROLLCALL_PORT"; fi
 export ROLLCALL_REDIS="redis://127.0.0.1:${REDIS_PORT}"
 
 pids=()
