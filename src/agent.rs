@@ -565,8 +565,12 @@ impl Keeper {
     }
 
     async fn deregister(&mut self) {
-        // The current server first, then the others: one that answers is enough.
-        for _ in 1..self.plan.apis.len() {
+        // The current server first, then the others while they fail: one answer is enough.
+        let mut last = String::new();
+        for attempt in 0..self.plan.apis.len() {
+            if attempt > 0 {
+                self.move_on(&last);
+            }
             let req = self
                 .auth(self.http.delete(self.plan.node_url(self.api())))
                 .timeout(DEREGISTER_TIMEOUT);
@@ -576,29 +580,23 @@ impl Keeper {
                     self.registered = false;
                     return;
                 }
-                Ok(r) if !r.status().is_server_error() => break,
-                Ok(r) => self.move_on(&format!("HTTP {}", r.status())),
-                Err(e) => self.move_on(&chain(&e)),
+                Ok(r) if r.status().is_server_error() => last = format!("HTTP {}", r.status()),
+                Ok(r) => {
+                    tracing::warn!(
+                        status = %r.status(),
+                        "the server refused the deregistration: the node goes when its session \
+                         closes or its lease runs out"
+                    );
+                    self.registered = false;
+                    return;
+                }
+                Err(e) => last = chain(&e),
             }
         }
-        let req = self
-            .auth(self.http.delete(self.plan.node_url(self.api())))
-            .timeout(DEREGISTER_TIMEOUT);
-        match req.send().await {
-            Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => {
-                tracing::info!(role = %self.plan.role, node = %self.plan.node, "deregistered")
-            }
-            Ok(r) => tracing::warn!(
-                status = %r.status(),
-                "the server refused the deregistration: the node goes when its session \
-                 closes or its lease runs out"
-            ),
-            Err(e) => tracing::warn!(
-                "could not deregister ({}): the node goes when its session closes or its \
-                 lease runs out",
-                chain(&e)
-            ),
-        }
+        tracing::warn!(
+            "could not deregister ({last}): the node goes when its session closes or its lease \
+             runs out"
+        );
         self.registered = false;
     }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use util::etcd::{serve, signal_proc, wait_ready, EtcdCluster};
-use util::{eventually, http, query_msg, rollcall_bin, udp_raw, ServeProc};
+use util::{eventually, http, metric, query_msg, rollcall_bin, udp_raw, ServeProc};
 
 struct Three {
     dir: tempfile::TempDir,
@@ -100,19 +100,6 @@ fn role_nodes(api: &str, role: &str) -> Option<BTreeMap<String, serde_json::Valu
             .map(|n| (n["node"].as_str().unwrap().to_owned(), n.clone()))
             .collect(),
     )
-}
-
-fn metric(api: &str, name: &str) -> f64 {
-    let text = http()
-        .get(format!("{api}/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
 fn status_of(api: &str, path: &str) -> u16 {

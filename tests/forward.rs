@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
-use util::{query_msg, require, tcp_raw, ServeProc};
+use util::{metric, query_msg, require, tcp_raw, ServeProc};
 
 fn free_udp_port() -> u16 {
     // Free for both UDP and TCP (NSD and dnsmasq bind both).
@@ -237,19 +237,6 @@ fn silent() -> (UdpSocket, SocketAddr) {
 
 fn serve(dir: &Path, args: &[&str]) -> ServeProc {
     ServeProc::start(&dir.join("data"), &dir.join("zones"), args)
-}
-
-fn metric(api: &str, line_start: &str) -> f64 {
-    let text = util::http()
-        .get(format!("{api}/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{line_start} not in /metrics:\n{text}"))
 }
 
 #[test]

@@ -93,15 +93,13 @@ pub fn spawn(
                                     counters.answered(qtype, super::wire::RCODE_REFUSED, false);
                                     return true;
                                 };
-                                match (ip, source_addr(source), &reply_socket) {
-                                    (Some(ip), _, _)
-                                        if f.allowed(ip)
-                                            && f.answer_cached(query, out, &mut key) =>
-                                    {
+                                let may_recurse = ip.is_some_and(|ip| f.allowed(ip));
+                                match (source_addr(source), &reply_socket) {
+                                    _ if may_recurse && f.answer_cached(query, out, &mut key) => {
                                         counters.answered(qtype, out[3] & 0x0f, false);
                                         true
                                     }
-                                    (Some(ip), Some(to), Some(socket)) if f.allowed(ip) => {
+                                    (Some(to), Some(socket)) if may_recurse => {
                                         let job = super::forward::Job {
                                             query: query.to_vec(),
                                             reply: super::forward::Reply::Udp {

@@ -38,7 +38,6 @@ use crate::etcd::mirror::MirrorMsg;
 use crate::etcd::{EtcdConfig, Link, NodeValue};
 use crate::journal::{Journal, Loaded, StoredNode};
 use crate::metrics::RegistryCounters;
-use crate::registry::Label;
 
 /// Longest a write's reply waits for this server's copy to show it.
 const VISIBLE_WAIT: Duration = Duration::from_secs(1);
@@ -176,14 +175,7 @@ impl Ctx {
                 }
                 None => json!({"target": "CREATE", "key": k, "create_revision": "0"}),
             };
-            let txn = self
-                .client
-                .txn(&json!({
-                    "compare": [compare],
-                    "success": [{"request_put": {"key": k, "value": b64(&value), "lease": lease.to_string()}}],
-                    "failure": [{"request_range": {"key": k}}],
-                }))
-                .await;
+            let txn = self.client.txn(&put_txn(&k, compare, &value, lease)).await;
             match txn {
                 Ok(r) if r.succeeded => {
                     let old = cur.as_ref().map_or(0, |c| c.held.lease);
@@ -197,12 +189,7 @@ impl Ctx {
                     if fresh {
                         self.revoke_later(lease);
                     }
-                    cur = r
-                        .responses
-                        .first()
-                        .and_then(|o| o.response_range.as_ref())
-                        .and_then(|rr| rr.kvs.first())
-                        .and_then(cur_of);
+                    cur = read_back(&r);
                 }
                 Err(EtcdError::LeaseNotFound) => {
                     // The lease ran out while we were using it: a fresh one next time.
@@ -285,14 +272,9 @@ impl Ctx {
             let (lease, granted) = self.client.grant(c.spec.ttl).await.map_err(unavailable)?;
             self.learn_ttl(c.spec.ttl, granted);
             let value = NodeValue::new(&c.spec, c.held.registered_unix_ms, "session").encode();
-            let txn = self
-                .client
-                .txn(&json!({
-                    "compare": [{"target": "MOD", "key": k, "mod_revision": c.held.mod_rev.to_string()}],
-                    "success": [{"request_put": {"key": k, "value": b64(&value), "lease": lease.to_string()}}],
-                    "failure": [{"request_range": {"key": k}}],
-                }))
-                .await;
+            let compare =
+                json!({"target": "MOD", "key": k, "mod_revision": c.held.mod_rev.to_string()});
+            let txn = self.client.txn(&put_txn(&k, compare, &value, lease)).await;
             match txn {
                 Ok(r) if r.succeeded => {
                     self.revoke_later(c.held.lease);
@@ -304,12 +286,7 @@ impl Ctx {
                 }
                 Ok(r) => {
                     self.revoke_later(lease);
-                    cur = r
-                        .responses
-                        .first()
-                        .and_then(|o| o.response_range.as_ref())
-                        .and_then(|rr| rr.kvs.first())
-                        .and_then(cur_of);
+                    cur = read_back(&r);
                 }
                 Err(e) => {
                     self.revoke_later(lease);
@@ -321,6 +298,24 @@ impl Ctx {
             "this node is being changed through other servers at the same time; retry".into(),
         ))
     }
+}
+
+/// The node as a txn that lost its compare read it (its failure branch is a range of the key).
+fn read_back(r: &crate::etcd::client::TxnResponse) -> Option<Cur> {
+    r.responses
+        .first()
+        .and_then(|o| o.response_range.as_ref())
+        .and_then(|rr| rr.kvs.first())
+        .and_then(cur_of)
+}
+
+/// `if compare then put(k, value, lease) else range(k)`.
+fn put_txn(k: &str, compare: serde_json::Value, value: &[u8], lease: i64) -> serde_json::Value {
+    json!({
+        "compare": [compare],
+        "success": [{"request_put": {"key": k, "value": b64(value), "lease": lease.to_string()}}],
+        "failure": [{"request_range": {"key": k}}],
+    })
 }
 
 fn cur_of(kv: &Kv) -> Option<Cur> {
@@ -412,28 +407,15 @@ impl Owner {
         let now = Instant::now();
         let mut n = 0;
         for s in nodes {
-            let (Ok(role), Ok(node), Ok(addr), Ok(service)) = (
-                Label::parse(&s.role),
-                Label::parse(&s.node),
-                s.addr.parse(),
-                Label::parse(&s.service),
-            ) else {
+            let registered_unix_ms = s.registered_unix_ms;
+            let Some((key, spec)) = super::writer::parse_stored(s) else {
                 continue;
             };
-            let spec = NodeSpec {
-                addr,
-                port: s.port,
-                service,
-                ttl: s.ttl,
-                weight: s.weight,
-                meta: s.meta,
-            };
-            let key = NodeKey { role, node };
             self.upsert(
                 &key,
                 spec,
                 Held {
-                    registered_unix_ms: s.registered_unix_ms,
+                    registered_unix_ms,
                     ..Held::default()
                 },
                 false,
@@ -499,25 +481,11 @@ impl Owner {
         if !self.unsaved {
             return;
         }
-        let unix_now = crate::clock::unix_ms();
-        let mut live = self.table.iter().map(|(role, node, e)| StoredNode {
-            role: role.to_string(),
-            node: node.to_string(),
-            addr: e.spec.addr.to_string(),
-            port: e.spec.port,
-            service: e.spec.service.to_string(),
-            ttl: e.spec.ttl,
-            weight: e.spec.weight,
-            meta: e.spec.meta.clone(),
-            // The lease is etcd's: the copy never expires by itself.
-            expires_unix_ms: unix_now + 86_400_000,
-            registered_unix_ms: self
-                .held
-                .get(&NodeKey {
-                    role: role.clone(),
-                    node: node.clone(),
-                })
-                .map_or(unix_now, |h| h.registered_unix_ms),
+        let (now, unix_now) = (Instant::now(), crate::clock::unix_ms());
+        // The lease is etcd's: the copy never expires by itself (a day is "never" here).
+        let kept = now + Duration::from_secs(86_400);
+        let mut live = self.table.iter().map(|(role, node, e)| {
+            super::writer::stored_node(role, node, &e.spec, kept, e.registered, now, unix_now)
         });
         match self.journal.compact(&mut live) {
             Ok(()) => self.unsaved = false,
@@ -547,7 +515,7 @@ impl Owner {
             Command::Put { key, spec, reply } => {
                 let cur = self.cur(&key);
                 if cur.is_none() {
-                    if let Err(e) = self.check_limits(&key) {
+                    if let Err(e) = self.table.admit(&key, &self.limits) {
                         let _ = reply.send(Err(e));
                         return;
                     }
@@ -593,24 +561,6 @@ impl Owner {
                 let _ = reply.send(Ok(self.table.role_entries()));
             }
         }
-    }
-
-    fn check_limits(&self, key: &NodeKey) -> Result<(), RegistryError> {
-        if self.table.total() >= self.limits.max_nodes {
-            return Err(RegistryError::Full(format!(
-                "{} nodes are registered, the limit (--max-nodes) is {}",
-                self.table.total(),
-                self.limits.max_nodes
-            )));
-        }
-        let in_role = self.table.role_len(&key.role);
-        if in_role >= self.limits.max_nodes_per_role {
-            return Err(RegistryError::Full(format!(
-                "role {} has {} nodes, the limit (--max-nodes-per-role) is {}",
-                key.role, in_role, self.limits.max_nodes_per_role
-            )));
-        }
-        Ok(())
     }
 
     /// Applies one mirror message; returns the revision the table is now at.
@@ -780,6 +730,7 @@ mod tests {
     //! covered by tests/etcd.rs).
     use super::*;
     use crate::journal::MemoryJournal;
+    use crate::registry::Label;
     use std::collections::BTreeMap;
 
     struct NoDns;

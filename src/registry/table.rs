@@ -87,6 +87,24 @@ impl Table {
         self.roles.get(role).map_or(0, |r| r.nodes.len())
     }
 
+    /// Whether a new node under `key.role` fits the limits (a refused PUT leaves no trace).
+    pub fn admit(&self, key: &NodeKey, limits: &super::Limits) -> Result<(), super::RegistryError> {
+        if self.total >= limits.max_nodes {
+            return Err(super::RegistryError::Full(format!(
+                "{} nodes are registered, the limit (--max-nodes) is {}",
+                self.total, limits.max_nodes
+            )));
+        }
+        let in_role = self.role_len(&key.role);
+        if in_role >= limits.max_nodes_per_role {
+            return Err(super::RegistryError::Full(format!(
+                "role {} has {} nodes, the limit (--max-nodes-per-role) is {}",
+                key.role, in_role, limits.max_nodes_per_role
+            )));
+        }
+        Ok(())
+    }
+
     pub fn get(&self, key: &NodeKey) -> Option<&Entry> {
         self.roles.get(&key.role)?.nodes.get(&key.node)
     }

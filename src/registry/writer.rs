@@ -99,28 +99,13 @@ impl Writer {
         let unix_now = unix_ms();
         let mut restored = 0;
         for n in nodes {
-            let (Ok(role), Ok(node), Ok(addr), Ok(service)) = (
-                Label::parse(&n.role),
-                Label::parse(&n.node),
-                n.addr.parse::<IpAddr>(),
-                Label::parse(&n.service),
-            ) else {
-                tracing::warn!(role = %n.role, node = %n.node, "stored registration is invalid, dropped");
+            let Some((key, spec)) = parse_stored(n.clone()) else {
                 continue;
             };
             // Never more than a ttl away, whatever the wall clock said when it was written.
             let left = Duration::from_millis(n.expires_unix_ms.saturating_sub(unix_now))
                 .min(Duration::from_secs(n.ttl.into()));
             let age = Duration::from_millis(unix_now.saturating_sub(n.registered_unix_ms));
-            let spec = NodeSpec {
-                addr,
-                port: n.port,
-                service,
-                ttl: n.ttl,
-                weight: n.weight,
-                meta: n.meta,
-            };
-            let key = NodeKey { role, node };
             let deadline = now + left;
             let cell = Arc::new(LeaseCell::default());
             cell.set_deadline(self.table.epoch, deadline);
@@ -309,20 +294,7 @@ impl Writer {
         let existing = self.table.get(&key);
         if existing.is_none() {
             // Checked before anything is created: a refused PUT leaves no trace.
-            if self.table.total() >= self.limits.max_nodes {
-                return Err(RegistryError::Full(format!(
-                    "{} nodes are registered, the limit (--max-nodes) is {}",
-                    self.table.total(),
-                    self.limits.max_nodes
-                )));
-            }
-            let in_role = self.table.role_len(&key.role);
-            if in_role >= self.limits.max_nodes_per_role {
-                return Err(RegistryError::Full(format!(
-                    "role {} has {} nodes, the limit (--max-nodes-per-role) is {}",
-                    key.role, in_role, self.limits.max_nodes_per_role
-                )));
-            }
+            self.table.admit(&key, &self.limits)?;
         }
         let changed = existing.is_none_or(|e| !e.spec.visible_eq(&spec));
         let unix_now = unix_ms();
@@ -436,8 +408,30 @@ impl Writer {
     }
 }
 
+/// A registration as the journal keeps it, read back (None, logged: invalid, dropped).
+pub(super) fn parse_stored(n: StoredNode) -> Option<(NodeKey, NodeSpec)> {
+    let (Ok(role), Ok(node), Ok(addr), Ok(service)) = (
+        Label::parse(&n.role),
+        Label::parse(&n.node),
+        n.addr.parse::<IpAddr>(),
+        Label::parse(&n.service),
+    ) else {
+        tracing::warn!(role = %n.role, node = %n.node, "stored registration is invalid, dropped");
+        return None;
+    };
+    let spec = NodeSpec {
+        addr,
+        port: n.port,
+        service,
+        ttl: n.ttl,
+        weight: n.weight,
+        meta: n.meta,
+    };
+    Some((NodeKey { role, node }, spec))
+}
+
 /// A lease as the journal keeps it: instants turned into unix milliseconds.
-fn stored_node(
+pub(super) fn stored_node(
     role: &Label,
     node: &Label,
     spec: &NodeSpec,

@@ -318,3 +318,17 @@ pub fn http() -> reqwest::blocking::Client {
         .build()
         .unwrap()
 }
+
+/// The value of one series of `/metrics` (`name` or `name{labels}`); panics when it is absent.
+pub fn metric(api: &str, series: &str) -> f64 {
+    let text = http()
+        .get(format!("{api}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+}
