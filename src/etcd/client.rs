@@ -211,8 +211,13 @@ pub const OPS: [&str; 8] = [
     "status",
 ];
 
+/// Calls in flight at most (each holds an HTTP connection to etcd): a burst of renewals
+/// (50,000 sessions pinging) queues here instead of opening a connection per renewal.
+pub const MAX_INFLIGHT: usize = 64;
+
 pub struct Client {
     http: reqwest::Client,
+    inflight: tokio::sync::Semaphore,
     endpoints: Vec<String>,
     current: AtomicUsize,
     timeout: Duration,
@@ -235,6 +240,7 @@ impl Client {
             .expect("an HTTP client with default TLS settings");
         Client {
             http,
+            inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
             endpoints,
             current: AtomicUsize::new(0),
             timeout,
@@ -283,6 +289,13 @@ impl Client {
     ) -> Result<T, EtcdError> {
         let start = Instant::now();
         let deadline = start + self.timeout;
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.inflight.acquire()).await else {
+            self.record(op, start, false);
+            return Err(EtcdError::Unavailable(format!(
+                "{op}: {MAX_INFLIGHT} etcd calls in flight for {:?}",
+                self.timeout
+            )));
+        };
         let mut last = String::from("no member tried");
         let mut tried = 0usize;
         loop {
