@@ -120,6 +120,20 @@ impl Check {
 
 pub use crate::clock::parse_duration;
 
+/// `rollcall check TARGET`: one probe, as the agent's --check runs it (2-s timeout).
+pub async fn check_once(target: &str) -> Result<u8, (u8, String)> {
+    let check = Check::parse(target).map_err(|e| (2, e.replacen("--check ", "", 1)))?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(CHECK_TIMEOUT)
+        .build()
+        .map_err(|e| (1, format!("cannot build an HTTP client: {e}")))?;
+    match check.run(&http).await {
+        Ok(()) => Ok(0),
+        Err(e) => Err((1, format!("{check} fails: {e}"))),
+    }
+}
+
 /// This host's name, as the kernel has it.
 fn host_name() -> std::io::Result<String> {
     let mut buf = [0u8; 256];
@@ -161,6 +175,8 @@ pub struct Plan {
     pub ttl: u32,
     pub check: Option<Check>,
     pub drain: Duration,
+    /// What the child gets instead of the stop signal the agent received (--stop-signal).
+    pub stop_signal: Option<libc::c_int>,
     pub token: Option<String>,
     pub command: Vec<String>,
 }
@@ -201,6 +217,12 @@ impl Plan {
         }
         let check = a.check.as_deref().map(Check::parse).transpose()?;
         let drain = parse_duration(&a.drain).map_err(|e| format!("--drain {e}"))?;
+        let stop_signal = a
+            .stop_signal
+            .as_deref()
+            .map(parse_signal)
+            .transpose()
+            .map_err(|e| format!("--stop-signal {e}"))?;
         let token =
             crate::config::read_token(a.token, a.token_file.as_ref()).map_err(|e| e.to_string())?;
         if let Some(t) = &token {
@@ -221,6 +243,7 @@ impl Plan {
             ttl: a.ttl,
             check,
             drain,
+            stop_signal,
             token,
             command: a.command,
         })
@@ -987,12 +1010,33 @@ fn forward(pid: libc::pid_t, sig: libc::c_int) {
     }
 }
 
+/// A signal by name: `QUIT`, `SIGQUIT` or `quit`.
+fn parse_signal(name: &str) -> Result<libc::c_int, String> {
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    Ok(match bare {
+        "TERM" => libc::SIGTERM,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "HUP" => libc::SIGHUP,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "KILL" => libc::SIGKILL,
+        _ => {
+            return Err(format!(
+                "{name:?} is not a signal the agent sends: use TERM, INT, QUIT, HUP, USR1, USR2 or KILL"
+            ))
+        }
+    })
+}
+
 fn signal_name(sig: libc::c_int) -> &'static str {
     match sig {
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
         libc::SIGHUP => "SIGHUP",
         libc::SIGQUIT => "SIGQUIT",
+        libc::SIGKILL => "SIGKILL",
         libc::SIGUSR1 => "SIGUSR1",
         libc::SIGUSR2 => "SIGUSR2",
         libc::SIGWINCH => "SIGWINCH",
@@ -1149,8 +1193,11 @@ async fn supervise(
                 continue;
             }
         };
+        let received = stop_sig;
+        // What the command gets: --stop-signal, else the signal received.
+        let stop_sig = plan.stop_signal.unwrap_or(received);
         if let Some(k) = keeper.take() {
-            tracing::info!(signal = signal_name(stop_sig), "stopping: deregistering");
+            tracing::info!(signal = signal_name(received), "stopping: deregistering");
             stop.cancel();
             let was_registered = k.await.unwrap_or(true);
             if plan.drain.is_zero() || !was_registered {

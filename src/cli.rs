@@ -138,6 +138,7 @@ pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError>
             Command::Register(a) => (&mut a.token, &mut a.token_file),
             Command::HipacheSync(a) => (&mut a.token, &mut a.token_file),
             Command::Status(a) => (&mut a.token, &mut a.token_file),
+            Command::Check(_) => return Ok(cli),
         };
         if token.is_some() && file.is_some() {
             if env_token && !env_file {
@@ -267,6 +268,16 @@ pub enum Command {
     HipacheSync(HipacheArgs),
     /// Print roles and nodes from a running server.
     Status(StatusArgs),
+    /// Probe tcp://HOST:PORT or http://HOST:PORT/PATH once: exit 0 if it passes (connects, or a
+    /// 2xx), 1 if not. For container healthchecks in images without curl, e.g.
+    /// `rollcall check http://127.0.0.1:8053/healthz`.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// What to probe: tcp://HOST:PORT or http://HOST:PORT/PATH (as register's --check).
+    pub target: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -496,6 +507,12 @@ pub struct RegisterArgs {
     /// e.g. 2s, 500ms, 0). A second signal cuts it short.
     #[arg(long, env = "ROLLCALL_DRAIN", default_value = "6s")]
     pub drain: String,
+
+    /// Signal the command gets when it is to stop, after the drain (default: the one the agent
+    /// received, SIGTERM or SIGINT). nginx stops gracefully on QUIT: `--stop-signal QUIT`.
+    /// One of TERM, INT, QUIT, HUP, USR1, USR2, KILL (with or without SIG).
+    #[arg(long, env = "ROLLCALL_STOP_SIGNAL")]
+    pub stop_signal: Option<String>,
 
     /// Bearer token for the API.
     #[arg(long, env = "ROLLCALL_TOKEN", hide_env_values = true)]

@@ -41,6 +41,7 @@ async fn run(command: Command) -> ExitCode {
         Command::Register(args) => rollcall::agent::run(args).await,
         Command::HipacheSync(args) => rollcall::hipache::run(args).await,
         Command::Status(args) => rollcall::status::run(args).await,
+        Command::Check(args) => rollcall::agent::check_once(&args.target).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

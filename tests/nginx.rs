@@ -1141,6 +1141,69 @@ fn agent_drain_is_skipped_when_unregistered_and_cut_by_a_second_signal() {
     eprintln!("second SIGTERM -> exit in {:?}", t.elapsed());
 }
 
+/// `--stop-signal QUIT` (nginx's graceful stop): the agent deregisters on SIGTERM, drains, then
+/// sends the command SIGQUIT, not the SIGTERM it received.
+#[test]
+fn agent_sends_the_stop_signal_it_is_told_after_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &dir.path().join("zones"), &[]);
+    let mut a = Killed(agent(
+        &server.api(),
+        &[
+            "--role",
+            "q",
+            "--node",
+            "q1",
+            "--drain",
+            "300ms",
+            "--stop-signal",
+            "quit",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 7' QUIT; trap 'exit 9' TERM; while :; do sleep 0.05; done",
+        ],
+    ));
+    let name = "q1.q.cluster.";
+    let present = || dns_a(server.dns, name).is_some_and(|a| !a.is_empty());
+    assert!(eventually(Duration::from_secs(10), present));
+    let t = Instant::now();
+    kill(a.0.id(), libc::SIGTERM);
+    assert!(
+        eventually(Duration::from_secs(5), || !present()),
+        "not deregistered"
+    );
+    let status = wait_exit(&mut a.0, Duration::from_secs(10)).expect("the agent did not exit");
+    let took = t.elapsed();
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "the command should have got SIGQUIT (exit 7), not SIGTERM (exit 9)"
+    );
+    assert!(took >= Duration::from_millis(300), "no drain: {took:?}");
+    eprintln!("SIGTERM -> deregistered, drained, SIGQUIT -> exit in {took:?}");
+
+    // A name the agent does not know is refused before anything starts.
+    let out = Command::new(env!("CARGO_BIN_EXE_rollcall"))
+        .args([
+            "register",
+            "--role",
+            "q",
+            "--stop-signal",
+            "STOP",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--stop-signal") && err.contains("QUIT"),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // A real silent network loss: the agent in its own network namespace, the link taken down.
 

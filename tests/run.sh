@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of rollcall: unit, in-process integration, and system tests against real
-# dig, nginx, redis-server and etcd. Installs the system packages the tests need when they are
+# dig, nginx, redis-server, etcd and docker. Installs the system packages the tests need when they are
 # missing (apt-get, as root or through sudo). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,11 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 # Forwarding's tests use dnsmasq as a real upstream (the binary only, no system service).
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+# The container stack's system test (tests/docker.rs): Debian's docker daemon and compose 1.29,
+# and debootstrap to seed the debian:12-slim base image when it cannot be pulled.
+command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}" >&2
@@ -37,6 +42,33 @@ fi
 
 # System tests find nginx in /usr/sbin.
 export PATH="$PATH:/usr/sbin:/sbin"
-# The system tests start the real binary; build it once, then run everything.
+
+# A docker daemon for tests/docker.rs: the one running, else one started here and stopped at
+# the end (its log: $TMPDIR/rollcall-tests-dockerd.log).
+dockerd_pid=""
+if ! docker info >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    log="${TMPDIR:-/tmp}/rollcall-tests-dockerd.log"
+    echo "tests/run.sh: starting dockerd (log: $log)" >&2
+    $sudo dockerd >"$log" 2>&1 &
+    dockerd_pid=$!
+    for _ in $(seq 300); do
+        docker info >/dev/null 2>&1 && break
+        kill -0 "$dockerd_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    docker info >/dev/null 2>&1 || { tail -20 "$log" >&2; echo "tests/run.sh: dockerd did not start" >&2; exit 1; }
+fi
+stop_dockerd() {
+    if [ -n "$dockerd_pid" ]; then
+        kill -TERM "$dockerd_pid" 2>/dev/null || true
+        wait "$dockerd_pid" 2>/dev/null || true
+    fi
+}
+trap stop_dockerd EXIT
+
+# The system tests start the real binary; build it once, then run everything. (tests/docker.rs
+# builds the release binary the images ship.)
 cargo build --locked --bins
-exec cargo test --locked --all-targets "$@"
+cargo test --locked --all-targets "$@"

@@ -20,7 +20,9 @@
 #   REDIS_PORT          port of the private redis               (default 6379; must match the
 #                       "driver" in config.json)
 #   HIPACHE_CONFIG      hipache's configuration                 (default /etc/hipache/config.json)
-#   HIPACHE_CMD         how to start hipache                    (default: hipache --config ...)
+#   HIPACHE_CMD         how to start hipache                    (default: hipache --config ...;
+#                       empty: no hipache here, redis and hipache-sync only, as in the image's
+#                       `sync` stage)
 #
 # Needs on PATH: redis-server, redis-cli, rollcall, hipache (npm install -g hipache@0.4).
 set -euo pipefail
@@ -30,7 +32,7 @@ set -euo pipefail
 : "${ROLLCALL_FRONTEND:=localhost}"
 : "${REDIS_PORT:=6379}"
 : "${HIPACHE_CONFIG:=/etc/hipache/config.json}"
-: "${HIPACHE_CMD:=hipache --config $HIPACHE_CONFIG}"
+HIPACHE_CMD=${HIPACHE_CMD-hipache --config $HIPACHE_CONFIG}
 export ROLLCALL_API ROLLCALL_FRONTEND
 # hipache-sync's own names for these (ROLLCALL_ROLE and ROLLCALL_PORT are the agent's).
 export ROLLCALL_HIPACHE_ROLE="$ROLLCALL_ROLE"
@@ -69,9 +71,13 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 
-# 3. hipache.
-$HIPACHE_CMD &
-pids+=($!)
+# 3. hipache (none in the image's `sync` stage).
+if [ -n "$HIPACHE_CMD" ]; then
+    $HIPACHE_CMD &
+    pids+=($!)
+else
+    echo "start.sh: HIPACHE_CMD is empty: running redis and hipache-sync only" >&2
+fi
 
 # Whichever stops first (crash, or exit), stop the rest and pass its status on.
 set +e

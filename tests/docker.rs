@@ -1,0 +1,1009 @@
+//! System test of the container stack: `docker/docker-compose.yml` brought up with the real
+//! docker daemon (Debian's docker.io) and compose (Debian's docker-compose 1.29, or `docker
+//! compose` v2 when ROLLCALL_TEST_COMPOSE says so), images built from `docker/` with the release
+//! binary, exactly as the README's docker command does.
+//!
+//! One test, one stack, the checks in sequence (each needs the state the previous one left):
+//! DNS lists the containers; each frontserver spreads over every appserver; scale 3 -> 4 served
+//! without an nginx reload; `docker stop` of an appserver and of a frontserver under load with
+//! zero failed requests; `docker kill` of an appserver gone from DNS (timed); frontserver scaling
+//! followed by the proxyserver's redis list; a restart of the rollcall container (registrations
+//! back from the volume, agents re-attached, nginx serving); a rolling replacement of the
+//! appservers (`docker/roll.sh`) with zero failed requests and the role never empty.
+//!
+//! The proxy tier: hipache cannot be installed on this machine, so the proxyserver is built at
+//! its `sync` stage (redis + `rollcall hipache-sync`), and the load goes through a **stand-in
+//! for hipache** written here: it reads the same redis list hipache reads
+//! (`frontend:localhost`, re-read every 100 ms through `redis-cli` in the proxyserver
+//! container; hipache reads it on every request) and sends each request to a random URL of it,
+//! with no retry (hipache retries up to 3 times: the stand-in is the stricter client).
+//!
+//! The test needs root (the docker daemon) and creates only its own things: a compose project
+//! `rollcalltest<pid>`, its network on a free /24, its volume, images tagged `test-<pid>`, and the
+//! `debian:12-slim` base when it is missing (seeded with docker/seed-debian.sh). All are removed
+//! at the end, pass or fail (set ROLLCALL_TEST_KEEP_BASE=1 to keep a seeded base image).
+
+#[path = "util/mod.rs"]
+mod util;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::Message;
+use hickory_proto::rr::RecordType;
+use util::{eventually, query_msg, require};
+
+const FRONTEND: &str = "localhost";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    out
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{shown} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn docker(args: &[&str]) -> String {
+    run_ok(Command::new("docker").args(args))
+}
+
+/// A /24 no route and no docker network of this machine uses: `172.31.N`.
+fn free_net() -> String {
+    let routes = run_ok(Command::new(require("ip")).args(["-4", "route", "show", "table", "all"]));
+    let nets = docker(&["network", "ls", "-q"]);
+    let mut used = routes;
+    for id in nets.split_whitespace() {
+        used.push_str(&docker(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+            id,
+        ]));
+    }
+    let seed = std::process::id() as usize;
+    (0..150)
+        .map(|i| format!("172.31.{}", 100 + (seed + i) % 150))
+        .find(|p| !used.contains(&format!("{p}.")))
+        .expect("no free 172.31.x.0/24 for the test's network")
+}
+
+/// The stack under test; everything it created is removed when dropped.
+struct Stack {
+    project: String,
+    tag: String,
+    net: String,
+    compose: Vec<String>,
+    file: PathBuf,
+    seeded_base: bool,
+}
+
+impl Stack {
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("COMPOSE_PROJECT_NAME", self.project.clone()),
+            ("COMPOSE_FILE", self.file.display().to_string()),
+            ("ROLLCALL_NET", self.net.clone()),
+            ("ROLLCALL_TAG", self.tag.clone()),
+            ("ROLLCALL_PROXY_STAGE", "sync".into()),
+            // The published port of the proxyserver: any free one (no hipache listens on it
+            // in the sync stage, but compose still publishes it).
+            ("ROLLCALL_PUBLISH", "0".into()),
+            ("ROLLCALL_FRONTEND", FRONTEND.into()),
+        ]
+    }
+
+    fn compose_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.compose[0]);
+        c.args(&self.compose[1..])
+            .args(args)
+            .current_dir(repo().join("docker"));
+        for (k, v) in self.env() {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn compose(&self, args: &[&str]) -> String {
+        run_ok(&mut self.compose_cmd(args))
+    }
+
+    /// Running containers of a service (full ids, sorted).
+    fn ids(&self, service: &str) -> Vec<String> {
+        let out = docker(&[
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.project),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ]);
+        let mut v: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+        v.sort();
+        v
+    }
+
+    fn one(&self, service: &str) -> String {
+        let ids = self.ids(service);
+        assert_eq!(ids.len(), 1, "one {service} container expected: {ids:?}");
+        ids[0].clone()
+    }
+
+    fn dns(&self) -> SocketAddr {
+        format!("{}.53:1053", self.net).parse().unwrap()
+    }
+
+    fn redis_list(&self) -> Vec<String> {
+        let proxy = self.one("proxyserver");
+        let out = docker(&[
+            "exec",
+            &proxy,
+            "redis-cli",
+            "lrange",
+            &format!("frontend:{FRONTEND}"),
+            "0",
+            "-1",
+        ]);
+        out.lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::env::var_os("ROLLCALL_TEST_KEEP_STACK").is_some() {
+            eprintln!(
+                "ROLLCALL_TEST_KEEP_STACK: leaving project {} up",
+                self.project
+            );
+            return;
+        }
+        let out = run(&mut self.compose_cmd(&[
+            "down",
+            "--volumes",
+            "--rmi",
+            "all",
+            "--remove-orphans",
+            "--timeout",
+            "3",
+        ]));
+        if !out.status.success() {
+            eprintln!(
+                "cleanup: compose down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // What roll.sh or a failed step may have left with the project's label.
+        let left = run(Command::new("docker").args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.project),
+        ]));
+        for id in String::from_utf8_lossy(&left.stdout).split_whitespace() {
+            let _ = run(Command::new("docker").args(["rm", "-f", id]));
+        }
+        for image in [
+            "rollcall-server",
+            "rollcall-appserver",
+            "rollcall-frontserver",
+            "rollcall-proxyserver",
+        ] {
+            let _ = run(Command::new("docker").args(["rmi", &format!("{image}:{}", self.tag)]));
+        }
+        if self.seeded_base && std::env::var_os("ROLLCALL_TEST_KEEP_BASE").is_none() {
+            let _ = run(Command::new("docker").args(["rmi", "debian:12-slim"]));
+        }
+    }
+}
+
+fn ip_of(id: &str) -> String {
+    docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        id,
+    ])
+    .trim()
+    .to_string()
+}
+
+fn hostname_of(id: &str) -> String {
+    docker(&["inspect", "-f", "{{.Config.Hostname}}", id])
+        .trim()
+        .to_string()
+}
+
+fn ips(ids: &[String]) -> BTreeSet<String> {
+    ids.iter().map(|i| ip_of(i)).collect()
+}
+
+/// `A name` from the rollcall container: the sorted addresses, or None (no answer / error).
+fn dns_a(dns: SocketAddr, name: &str) -> Option<BTreeSet<String>> {
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let q = query_msg(name, RecordType::A, None);
+    sock.send_to(&q, dns).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    let m = Message::from_vec(&buf[..n]).ok()?;
+    Some(util::addrs(&m).into_iter().collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load: one new connection per request, as the trial's load.py.
+
+#[derive(Clone, Debug)]
+struct Sample {
+    at: Instant,
+    target: String,
+    /// The appserver node that answered, or what went wrong.
+    result: Result<String, String>,
+}
+
+/// Where the load goes: a fixed list of frontserver addresses, or the stand-in for hipache.
+#[derive(Clone)]
+struct Targets(Arc<RwLock<Vec<String>>>);
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn get(addr: &str) -> Result<String, String> {
+    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&sa, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /hello/load HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+    let status = body.split(' ').nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(format!(
+            "HTTP {status}: {}",
+            body.lines().next().unwrap_or("")
+        ));
+    }
+    // "Hello load, I'm <node> !"
+    body.rsplit("I'm ")
+        .next()
+        .map(|n| n.trim_end_matches(['!', ' ', '\n', '\r']).to_string())
+        .ok_or_else(|| format!("unexpected body {body:?}"))
+}
+
+impl Load {
+    /// `threads` clients, each: pick a target at random, GET, pause 20 ms.
+    fn start(targets: Targets, threads: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..threads)
+            .map(|i| {
+                let (stop, samples, targets) = (stop.clone(), samples.clone(), targets.clone());
+                std::thread::spawn(move || {
+                    let mut n = i;
+                    while !stop.load(Ordering::Relaxed) {
+                        let target = {
+                            let t = targets.0.read().unwrap();
+                            if t.is_empty() {
+                                None
+                            } else {
+                                n = n.wrapping_mul(1103515245).wrapping_add(12345);
+                                Some(t[(n >> 8) % t.len()].clone())
+                            }
+                        };
+                        let result = match &target {
+                            Some(t) => get(t),
+                            None => Err("no target: the list is empty".into()),
+                        };
+                        samples.lock().unwrap().push(Sample {
+                            at: Instant::now(),
+                            target: target.unwrap_or_default(),
+                            result,
+                        });
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            samples,
+            threads,
+        }
+    }
+
+    fn finish(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        Arc::try_unwrap(self.samples)
+            .map(|m| m.into_inner().unwrap())
+            .unwrap_or_else(|a| a.lock().unwrap().clone())
+    }
+}
+
+fn failures(samples: &[Sample]) -> Vec<&Sample> {
+    samples.iter().filter(|s| s.result.is_err()).collect()
+}
+
+fn summary(what: &str, samples: &[Sample], t0: Instant) -> usize {
+    let failed = failures(samples);
+    eprintln!(
+        "{what}: {} requests, {} failed{}",
+        samples.len(),
+        failed.len(),
+        failed
+            .iter()
+            .take(5)
+            .map(|s| format!(
+                "\n    +{:.2}s {} {:?}",
+                s.at.saturating_duration_since(t0).as_secs_f64(),
+                s.target,
+                s.result
+            ))
+            .collect::<String>()
+    );
+    failed.len()
+}
+
+/// The stand-in for hipache: keeps `targets` equal to the proxyserver's redis list
+/// (`frontend:localhost` = [identifier, http://addr:port, ...]), re-read every 100 ms.
+struct StandIn {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StandIn {
+    fn start(proxy: String, targets: Targets) -> StandIn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let out = Command::new("docker")
+                    .args([
+                        "exec",
+                        &proxy,
+                        "redis-cli",
+                        "lrange",
+                        "frontend:localhost",
+                        "0",
+                        "-1",
+                    ])
+                    .output();
+                if let Ok(out) = out {
+                    if out.status.success() {
+                        let list: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                            .lines()
+                            .skip(1)
+                            .filter_map(|u| u.strip_prefix("http://").map(str::to_string))
+                            .collect();
+                        *targets.0.write().unwrap() = list;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        StandIn {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Polls `A appserver.cluster` every 10 ms; records each change of the answer.
+struct DnsWatch {
+    stop: Arc<AtomicBool>,
+    changes: Arc<Mutex<Vec<(Instant, Option<BTreeSet<String>>)>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DnsWatch {
+    fn start(dns: SocketAddr, name: &'static str) -> DnsWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let (s, c) = (stop.clone(), changes.clone());
+        let thread = std::thread::spawn(move || {
+            let mut last: Option<Option<BTreeSet<String>>> = None;
+            while !s.load(Ordering::Relaxed) {
+                let now = dns_a(dns, name);
+                if last.as_ref() != Some(&now) {
+                    c.lock().unwrap().push((Instant::now(), now.clone()));
+                    last = Some(now);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        DnsWatch {
+            stop,
+            changes,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<(Instant, Option<BTreeSet<String>>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.changes.lock().unwrap().clone()
+    }
+
+    /// When `ip` was first missing from an answer after `t0`.
+    fn gone_at(
+        changes: &[(Instant, Option<BTreeSet<String>>)],
+        ip: &str,
+        t0: Instant,
+    ) -> Option<Duration> {
+        changes
+            .iter()
+            .filter(|(at, _)| *at >= t0)
+            .find(|(_, set)| set.as_ref().is_some_and(|s| !s.contains(ip)))
+            .map(|(at, _)| *at - t0)
+    }
+}
+
+fn nginx_master(id: &str) -> String {
+    docker(&["exec", id, "cat", "/run/nginx.pid"])
+        .trim()
+        .to_string()
+}
+
+/// PIDs (host's view) of the nginx worker processes in a container: a reload replaces them.
+fn nginx_workers(id: &str) -> BTreeSet<String> {
+    docker(&["top", id, "-eo", "pid,args"])
+        .lines()
+        .filter(|l| l.contains("nginx: worker"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn node_names(ids: &[String]) -> BTreeMap<String, String> {
+    ids.iter().map(|i| (hostname_of(i), i.clone())).collect()
+}
+
+fn compose_program() -> Vec<String> {
+    match std::env::var("ROLLCALL_TEST_COMPOSE") {
+        Ok(c) if !c.trim().is_empty() => c.split_whitespace().map(str::to_string).collect(),
+        _ => {
+            require("docker-compose");
+            vec!["docker-compose".into()]
+        }
+    }
+}
+
+#[test]
+fn the_stack_in_containers() {
+    require("docker");
+    let info = run(Command::new("docker").args(["info", "-f", "{{.ServerVersion}}"]));
+    assert!(
+        info.status.success(),
+        "no docker daemon answers (tests/run.sh installs docker.io and starts dockerd): {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    eprintln!(
+        "docker daemon {}",
+        String::from_utf8_lossy(&info.stdout).trim()
+    );
+
+    // What ships: the release binary, built now if it is out of date.
+    let t = Instant::now();
+    run_ok(
+        Command::new(env!("CARGO"))
+            .args(["build", "--release", "--locked", "--bin", "rollcall"])
+            .current_dir(repo()),
+    );
+    eprintln!("cargo build --release: {:.1} s", t.elapsed().as_secs_f64());
+
+    let seeded_base = run(Command::new("docker").args(["image", "inspect", "debian:12-slim"]))
+        .status
+        .code()
+        != Some(0);
+    let pid = std::process::id();
+    let stack = Stack {
+        project: format!("rollcalltest{pid}"),
+        tag: format!("test-{pid}"),
+        net: free_net(),
+        compose: compose_program(),
+        file: repo().join("docker/docker-compose.yml"),
+        seeded_base,
+    };
+    if seeded_base {
+        let t = Instant::now();
+        run_ok(&mut Command::new(repo().join("docker/seed-debian.sh")));
+        eprintln!(
+            "seeded debian:12-slim in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+
+    let t = Instant::now();
+    stack.compose(&["build"]);
+    eprintln!(
+        "compose build (4 images): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    stack.compose(&[
+        "up",
+        "-d",
+        "--scale",
+        "appserver=3",
+        "--scale",
+        "frontserver=2",
+    ]);
+    eprintln!(
+        "compose up (7 containers): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let dns = stack.dns();
+    let apps = stack.ids("appserver");
+    let fronts = stack.ids("frontserver");
+    assert_eq!((apps.len(), fronts.len()), (3, 2));
+    let app_ips = ips(&apps);
+
+    // 1. DNS lists exactly the appservers' container addresses (and the frontservers').
+    let t = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(30), || dns_a(dns, "appserver.cluster.")
+            .is_some_and(|a| a == app_ips)),
+        "appserver.cluster should be {app_ips:?}, is {:?}",
+        dns_a(dns, "appserver.cluster.")
+    );
+    eprintln!(
+        "all appservers in DNS {:.2} s after up",
+        t.elapsed().as_secs_f64()
+    );
+    let front_ips = ips(&fronts);
+    assert!(eventually(Duration::from_secs(30), || dns_a(
+        dns,
+        "frontserver.cluster."
+    )
+    .is_some_and(|a| a == front_ips)));
+    let server = stack.one("rollcall");
+    let proxy = stack.one("proxyserver");
+    assert_eq!(
+        dns_a(dns, "ns.cluster."),
+        Some(BTreeSet::from([ip_of(&server)])),
+        "ns.cluster is the server's own address"
+    );
+    assert_eq!(ip_of(&server), format!("{}.53", stack.net));
+    assert_eq!(
+        dns_a(dns, "proxyserver.cluster."),
+        Some(BTreeSet::from([ip_of(&proxy)]))
+    );
+    // The proxyserver's redis holds the frontservers.
+    let want_list = |ips: &BTreeSet<String>| -> Vec<String> {
+        std::iter::once("frontserver".to_string())
+            .chain(ips.iter().map(|i| format!("http://{i}:80")))
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || stack.redis_list()
+            == want_list(&front_ips)),
+        "redis frontend:localhost = {:?}, want {:?}",
+        stack.redis_list(),
+        want_list(&front_ips)
+    );
+
+    // 2. Requests through each frontserver spread over all appservers.
+    let direct = Targets(Arc::new(RwLock::new(
+        front_ips.iter().map(|i| format!("{i}:80")).collect(),
+    )));
+    let t0 = Instant::now();
+    let load = Load::start(direct.clone(), 4);
+    std::thread::sleep(Duration::from_secs(4));
+    let samples = load.finish();
+    assert_eq!(summary("spread", &samples, t0), 0);
+    let names = node_names(&apps);
+    for fs in &front_ips {
+        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in samples.iter().filter(|s| s.target.starts_with(fs.as_str())) {
+            *per.entry(s.result.as_deref().unwrap()).or_default() += 1;
+        }
+        eprintln!("frontserver {fs}: {per:?}");
+        assert_eq!(
+            per.keys().map(|k| k.to_string()).collect::<BTreeSet<_>>(),
+            names.keys().cloned().collect::<BTreeSet<_>>(),
+            "frontserver {fs} did not reach every appserver"
+        );
+    }
+
+    // 3. Scale appservers 3 -> 4 under load: served by both frontservers, no nginx reload.
+    let masters: Vec<String> = fronts.iter().map(|f| nginx_master(f)).collect();
+    let workers: Vec<BTreeSet<String>> = fronts.iter().map(|f| nginx_workers(f)).collect();
+    assert!(workers.iter().all(|w| !w.is_empty()));
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(direct.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    stack.compose(&[
+        "up",
+        "-d",
+        "--scale",
+        "appserver=4",
+        "--scale",
+        "frontserver=2",
+    ]);
+    let up_took = t0.elapsed();
+    let apps4 = stack.ids("appserver");
+    assert_eq!(apps4.len(), 4);
+    let new_id = apps4.iter().find(|i| !apps.contains(i)).unwrap().clone();
+    let new_name = hostname_of(&new_id);
+    let new_ip = ip_of(&new_id);
+    let served_by_all = || {
+        let s = load.samples.lock().unwrap();
+        front_ips.iter().all(|fs| {
+            s.iter().any(|x| {
+                x.target.starts_with(fs.as_str()) && x.result.as_deref() == Ok(new_name.as_str())
+            })
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(20), served_by_all),
+        "the new appserver {new_name} was not served by both frontservers"
+    );
+    let first_served = {
+        let s = load.samples.lock().unwrap();
+        s.iter()
+            .find(|x| x.result.as_deref() == Ok(new_name.as_str()))
+            .map(|x| x.at - t0)
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let in_dns = changes
+        .iter()
+        .find(|(at, s)| *at >= t0 && s.as_ref().is_some_and(|s| s.contains(&new_ip)))
+        .map(|(at, _)| *at - t0);
+    eprintln!(
+        "scale 3 -> 4: compose {:.2} s, in DNS +{:.2} s, first served +{:.2} s",
+        up_took.as_secs_f64(),
+        in_dns.unwrap_or_default().as_secs_f64(),
+        first_served.as_secs_f64()
+    );
+    assert_eq!(summary("scale 3 -> 4", &samples, t0), 0);
+    let after: Vec<String> = fronts.iter().map(|f| nginx_master(f)).collect();
+    assert_eq!(masters, after, "nginx was restarted");
+    let workers_after: Vec<BTreeSet<String>> = fronts.iter().map(|f| nginx_workers(f)).collect();
+    assert_eq!(
+        workers, workers_after,
+        "nginx was reloaded (new worker processes)"
+    );
+
+    // From here on the load goes through the stand-in for hipache (the proxyserver's redis).
+    let via_proxy = Targets(Arc::new(RwLock::new(Vec::new())));
+    let standin = StandIn::start(proxy.clone(), via_proxy.clone());
+    assert!(eventually(Duration::from_secs(5), || via_proxy
+        .0
+        .read()
+        .unwrap()
+        .len()
+        == 2));
+
+    // 4. docker stop of an appserver under load: zero failed requests.
+    let victim = apps4[0].clone();
+    let victim_ip = ip_of(&victim);
+    let victim_name = hostname_of(&victim);
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["stop", &victim]);
+    let stop_took = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let gone = DnsWatch::gone_at(&changes, &victim_ip, t0);
+    let last_served = samples
+        .iter()
+        .filter(|s| s.result.as_deref() == Ok(victim_name.as_str()))
+        .map(|s| s.at.saturating_duration_since(t0))
+        .max();
+    eprintln!(
+        "docker stop appserver: returned after {:.2} s, gone from DNS +{:.3} s, last served +{:.2} s",
+        stop_took.as_secs_f64(),
+        gone.map(|g| g.as_secs_f64()).unwrap_or(f64::NAN),
+        last_served.map(|g| g.as_secs_f64()).unwrap_or(f64::NAN)
+    );
+    assert!(gone.is_some(), "the stopped appserver stayed in DNS");
+    assert_eq!(summary("docker stop appserver", &samples, t0), 0);
+    let exit = docker(&["inspect", "-f", "{{.State.ExitCode}}", &victim]);
+    assert_eq!(
+        exit.trim(),
+        "0",
+        "the appserver's agent exits 0 after a clean stop"
+    );
+
+    // 5. docker stop of a frontserver under load: zero failed requests.
+    let fvictim = fronts[0].clone();
+    let fvictim_ip = ip_of(&fvictim);
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["stop", &fvictim]);
+    let stop_took = t0.elapsed();
+    let list_after = stack.redis_list();
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = load.finish();
+    let last_served = samples
+        .iter()
+        .filter(|s| s.target.starts_with(fvictim_ip.as_str()) && s.result.is_ok())
+        .map(|s| s.at.saturating_duration_since(t0))
+        .max();
+    eprintln!(
+        "docker stop frontserver: returned after {:.2} s, last request through it +{:.2} s",
+        stop_took.as_secs_f64(),
+        last_served.map(|g| g.as_secs_f64()).unwrap_or(f64::NAN)
+    );
+    assert!(
+        !list_after.contains(&format!("http://{fvictim_ip}:80")),
+        "the stopped frontserver is still in redis: {list_after:?}"
+    );
+    assert_eq!(summary("docker stop frontserver", &samples, t0), 0);
+    let exit = docker(&["inspect", "-f", "{{.State.ExitCode}}", &fvictim]);
+    assert_eq!(
+        exit.trim(),
+        "0",
+        "nginx stopped gracefully (SIGQUIT) and the agent exit 0"
+    );
+    let logs = run(Command::new("docker").args(["logs", &fvictim]));
+    let log = String::from_utf8_lossy(&logs.stderr);
+    assert!(
+        log.contains("SIGQUIT"),
+        "the agent did not send nginx SIGQUIT after the drain:\n{log}"
+    );
+
+    // 6. Scaling frontservers: the proxyserver's redis list follows. (First the stopped
+    //    containers go, or compose would start them again.)
+    stack.compose(&["rm", "-f"]);
+    let t0 = Instant::now();
+    stack.compose(&[
+        "up",
+        "-d",
+        "--scale",
+        "appserver=3",
+        "--scale",
+        "frontserver=3",
+    ]);
+    let fronts3 = stack.ids("frontserver");
+    assert_eq!(fronts3.len(), 3);
+    let f3 = ips(&fronts3);
+    assert!(
+        eventually(Duration::from_secs(20), || stack.redis_list()
+            == want_list(&f3)),
+        "redis should list 3 frontservers {f3:?}: {:?}",
+        stack.redis_list()
+    );
+    eprintln!(
+        "frontservers 1 -> 3: redis list follows in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let t0 = Instant::now();
+    stack.compose(&[
+        "up",
+        "-d",
+        "--scale",
+        "appserver=3",
+        "--scale",
+        "frontserver=2",
+    ]);
+    let f2 = ips(&stack.ids("frontserver"));
+    assert_eq!(f2.len(), 2);
+    assert!(
+        eventually(Duration::from_secs(20), || stack.redis_list()
+            == want_list(&f2)),
+        "redis should list 2 frontservers {f2:?}: {:?}",
+        stack.redis_list()
+    );
+    eprintln!(
+        "frontservers 3 -> 2: redis list follows in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let apps3 = stack.ids("appserver");
+    assert_eq!(apps3.len(), 3);
+    assert!(eventually(Duration::from_secs(20), || dns_a(
+        dns,
+        "appserver.cluster."
+    )
+    .is_some_and(|a| a == ips(&apps3))));
+
+    // 7. docker kill of an appserver: gone from DNS (the agent's session closes with it).
+    let kvictim = apps3[0].clone();
+    let kvictim_ip = ip_of(&kvictim);
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["kill", &kvictim]);
+    assert!(
+        eventually(Duration::from_secs(10), || dns_a(dns, "appserver.cluster.")
+            .is_some_and(|a| !a.contains(&kvictim_ip))),
+        "the killed appserver stayed in DNS"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let gone = DnsWatch::gone_at(&changes, &kvictim_ip, t0).unwrap();
+    let slow = samples.iter().filter(|s| s.at >= t0).count();
+    eprintln!(
+        "docker kill appserver: gone from DNS +{:.3} s ({} requests after the kill)",
+        gone.as_secs_f64(),
+        slow
+    );
+    assert!(
+        gone < Duration::from_secs(5),
+        "gone only after the lease: {gone:?}"
+    );
+    assert_eq!(summary("docker kill appserver", &samples, t0), 0);
+    stack.compose(&["rm", "-f"]);
+    stack.compose(&[
+        "up",
+        "-d",
+        "--scale",
+        "appserver=3",
+        "--scale",
+        "frontserver=2",
+    ]);
+    let apps3 = stack.ids("appserver");
+    assert!(eventually(Duration::from_secs(20), || dns_a(
+        dns,
+        "appserver.cluster."
+    )
+    .is_some_and(|a| a == ips(&apps3))));
+
+    // 8. Restart of the rollcall container: registrations back from the volume, agents
+    //    re-attached, nginx serving.
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["restart", "-t", "5", &server]);
+    let restart_took = t0.elapsed();
+    let back = eventually(Duration::from_secs(10), || {
+        dns_a(dns, "appserver.cluster.").is_some_and(|a| a == ips(&apps3))
+    });
+    let dns_back = t0.elapsed();
+    assert!(back, "appservers not back in DNS after the restart");
+    let logs = run(Command::new("docker").args(["logs", "--since", "30s", &server]));
+    let log = String::from_utf8_lossy(&logs.stderr);
+    assert!(
+        log.contains("restored registrations"),
+        "the server did not restore from its volume:\n{log}"
+    );
+    // Every agent re-attached: each node's session is live again (the API, from the host).
+    let api = format!("http://{}.53:8053", stack.net);
+    let attached = eventually(Duration::from_secs(15), || {
+        let v: serde_json::Value = match util::http()
+            .get(format!("{api}/v1/roles/appserver"))
+            .send()
+            .and_then(|r| r.json())
+        {
+            Ok(v) => v,
+            Err(_) => return false,
+        };
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.len() == 3 && nodes.iter().all(|n| n["session"] == true)
+    });
+    let attached_at = t0.elapsed();
+    assert!(
+        attached,
+        "the agents did not re-attach to the restarted server"
+    );
+    // nginx 1.22 resends a lost resolver query only after 5 s (hard-coded), and requests that
+    // wait on it fail after resolver_timeout (2 s): a query sent while the server was down costs
+    // a few 502s until then (counted above, not hidden). From 6 s on, nothing may fail.
+    let settle_from = t0 + Duration::from_secs(6);
+    std::thread::sleep(settle_from.saturating_duration_since(Instant::now()));
+    std::thread::sleep(Duration::from_secs(4));
+    let samples = load.finish();
+    let late: Vec<Sample> = samples
+        .iter()
+        .filter(|s| s.at >= settle_from + Duration::from_secs(2))
+        .cloned()
+        .collect();
+    eprintln!(
+        "docker restart rollcall: returned {:.2} s, appservers in DNS +{:.2} s, agents re-attached +{:.2} s",
+        restart_took.as_secs_f64(),
+        dns_back.as_secs_f64(),
+        attached_at.as_secs_f64()
+    );
+    summary("during the restart", &samples, t0);
+    assert!(!late.is_empty());
+    assert_eq!(
+        summary("after the restart", &late, settle_from),
+        0,
+        "nginx is not serving after the rollcall restart"
+    );
+
+    // 9. Rolling replacement of the appservers: the role is never empty, nothing fails.
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    let compose_env = stack.compose.join(" ");
+    let mut roll = Command::new(repo().join("docker/roll.sh"));
+    roll.arg("appserver").env("COMPOSE", &compose_env);
+    for (k, v) in stack.env() {
+        roll.env(k, v);
+    }
+    run_ok(&mut roll);
+    let roll_took = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let smallest = changes
+        .iter()
+        .filter(|(at, _)| *at >= t0)
+        .map(|(_, s)| s.as_ref().map_or(0, |s| s.len()))
+        .min()
+        .unwrap_or(0);
+    let rolled = stack.ids("appserver");
+    eprintln!(
+        "roll.sh appserver: {:.1} s for 3 replicas, smallest answer {} addresses",
+        roll_took.as_secs_f64(),
+        smallest
+    );
+    assert_eq!(rolled.len(), 3);
+    assert!(
+        rolled.iter().all(|i| !apps3.contains(i)),
+        "not every appserver was replaced"
+    );
+    assert!(
+        smallest >= 3,
+        "the role shrank during the roll: {smallest} addresses"
+    );
+    assert_eq!(summary("roll.sh appserver", &samples, t0), 0);
+    assert!(eventually(Duration::from_secs(20), || dns_a(
+        dns,
+        "appserver.cluster."
+    )
+    .is_some_and(|a| a == ips(&rolled))));
+
+    drop(standin);
+    let t0 = Instant::now();
+    drop(stack);
+    eprintln!(
+        "cleanup (compose down, images): {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
