@@ -208,6 +208,14 @@ impl Plan {
                 format!("--addr {addr:?} is not an IP address (e.g. 10.0.0.7 or fd00::7)")
             })?;
             body["addr"] = ip.to_string().into();
+        } else if let Some((ip, via)) = outward_addr(&apis) {
+            // A server on this host sees us as 127.0.0.1: register the address the others see.
+            tracing::info!(
+                addr = %ip,
+                "registering {ip}, this host's address towards {via}: a server on loopback \
+                 would see 127.0.0.1 (--addr sets it)"
+            );
+            body["addr"] = ip.to_string().into();
         }
         if let Some(port) = a.port {
             if port == 0 {
@@ -1010,6 +1018,51 @@ fn forward(pid: libc::pid_t, sig: libc::c_int) {
     }
 }
 
+/// With a server on loopback among several (`--api http://127.0.0.1:8053,http://rc-b:8053`, the
+/// topology of a server beside every nginx), the server on loopback would register 127.0.0.1.
+/// Then the address to register is this host's source address towards the first server not on
+/// loopback (a UDP `connect`, which sends nothing), or towards the default route when that
+/// server's name does not resolve. None when no API is on loopback, or every one is.
+fn outward_addr(apis: &[String]) -> Option<(IpAddr, String)> {
+    let host_port = |api: &str| -> Option<(String, u16)> {
+        let url = reqwest::Url::parse(api).ok()?;
+        Some((
+            url.host_str()?.trim_matches(['[', ']']).to_string(),
+            url.port_or_known_default()?,
+        ))
+    };
+    let is_loopback = |host: &str| {
+        host.eq_ignore_ascii_case("localhost")
+            || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    };
+    let hosts: Vec<(String, u16)> = apis.iter().filter_map(|a| host_port(a)).collect();
+    if !hosts.iter().any(|(h, _)| is_loopback(h)) {
+        return None;
+    }
+    let (remote, port) = hosts.iter().find(|(h, _)| !is_loopback(h))?;
+    let source = |to: std::net::SocketAddr| -> Option<IpAddr> {
+        let any: std::net::SocketAddr = if to.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = std::net::UdpSocket::bind(any).ok()?;
+        sock.connect(to).ok()?;
+        let ip = sock.local_addr().ok()?.ip();
+        (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+    };
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<std::net::SocketAddr> = (remote.as_str(), *port)
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .unwrap_or_default();
+    if let Some(ip) = resolved.iter().find_map(|a| source(*a)) {
+        return Some((ip, format!("{remote}:{port}")));
+    }
+    // Unresolvable for now: the default route's source address (192.0.2.1 is TEST-NET-1).
+    source(([192, 0, 2, 1], 9).into()).map(|ip| (ip, "the default route".to_string()))
+}
+
 /// A signal by name: `QUIT`, `SIGQUIT` or `quit`.
 fn parse_signal(name: &str) -> Result<libc::c_int, String> {
     let upper = name.trim().to_ascii_uppercase();
@@ -1238,6 +1291,60 @@ mod tests {
         let p = P::try_parse_from(std::iter::once("register").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
         Plan::from_args(p.a)
+    }
+
+    #[test]
+    fn a_server_on_loopback_among_others_registers_the_outward_address() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Only loopback (one host), or none: the server's view is right.
+        assert_eq!(outward_addr(&v(&["http://127.0.0.1:8053"])), None);
+        assert_eq!(
+            outward_addr(&v(&["http://127.0.0.1:8053", "http://localhost:9"])),
+            None
+        );
+        assert_eq!(outward_addr(&v(&["http://10.9.9.9:8053"])), None);
+        // Loopback first, then a remote server: this host's address towards it, never loopback.
+        if let Some((ip, _)) = outward_addr(&v(&["http://127.0.0.1:8053", "http://192.0.2.7:8053"]))
+        {
+            assert!(!ip.is_loopback() && !ip.is_unspecified(), "{ip}");
+        }
+        let p = plan(&[
+            "--role",
+            "r",
+            "--node",
+            "n",
+            "--addr",
+            "10.0.0.9",
+            "--api",
+            "http://127.0.0.1:8053,http://192.0.2.7:8053",
+        ])
+        .unwrap();
+        assert_eq!(p.body["addr"], "10.0.0.9", "--addr wins");
+        assert_eq!(
+            plan(&["--role", "r", "--node", "n"])
+                .unwrap()
+                .body
+                .get("addr"),
+            None
+        );
+    }
+
+    #[test]
+    fn stop_signals_by_name() {
+        assert_eq!(parse_signal("QUIT"), Ok(libc::SIGQUIT));
+        assert_eq!(parse_signal("sigquit"), Ok(libc::SIGQUIT));
+        assert_eq!(parse_signal("SIGTERM"), Ok(libc::SIGTERM));
+        assert!(parse_signal("STOP").unwrap_err().contains("QUIT"));
+        assert_eq!(
+            plan(&["--role", "r", "--node", "n"]).unwrap().stop_signal,
+            None
+        );
+        assert_eq!(
+            plan(&["--role", "r", "--node", "n", "--stop-signal", "QUIT"])
+                .unwrap()
+                .stop_signal,
+            Some(libc::SIGQUIT)
+        );
     }
 
     #[test]

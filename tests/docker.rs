@@ -93,21 +93,55 @@ fn free_net() -> String {
         .expect("no free 172.31.x.0/24 for the test's network")
 }
 
-/// The stack under test; everything it created is removed when dropped.
+/// The images the stacks run (tagged `test-<pid>`), and the base image when the test seeded it:
+/// removed when dropped.
+struct Images {
+    tag: String,
+    seeded_base: bool,
+}
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        if std::env::var_os("ROLLCALL_TEST_KEEP_STACK").is_some() {
+            return;
+        }
+        for image in [
+            "rollcall-server",
+            "rollcall-appserver",
+            "rollcall-frontserver",
+            "rollcall-proxyserver",
+            "rollcall-etcd",
+        ] {
+            let _ = run(Command::new("docker").args(["rmi", &format!("{image}:{}", self.tag)]));
+        }
+        if self.seeded_base && std::env::var_os("ROLLCALL_TEST_KEEP_BASE").is_none() {
+            let _ = run(Command::new("docker").args(["rmi", "debian:12-slim"]));
+        }
+    }
+}
+
+/// A stack under test (one compose project); its containers, network and volumes are removed
+/// when dropped.
 struct Stack {
     project: String,
     tag: String,
     net: String,
     compose: Vec<String>,
-    file: PathBuf,
-    seeded_base: bool,
+    files: Vec<PathBuf>,
 }
 
 impl Stack {
     fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("COMPOSE_PROJECT_NAME", self.project.clone()),
-            ("COMPOSE_FILE", self.file.display().to_string()),
+            (
+                "COMPOSE_FILE",
+                self.files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            ),
             ("ROLLCALL_NET", self.net.clone()),
             ("ROLLCALL_TAG", self.tag.clone()),
             ("ROLLCALL_PROXY_STAGE", "sync".into()),
@@ -186,8 +220,6 @@ impl Drop for Stack {
         let out = run(&mut self.compose_cmd(&[
             "down",
             "--volumes",
-            "--rmi",
-            "all",
             "--remove-orphans",
             "--timeout",
             "3",
@@ -208,17 +240,11 @@ impl Drop for Stack {
         for id in String::from_utf8_lossy(&left.stdout).split_whitespace() {
             let _ = run(Command::new("docker").args(["rm", "-f", id]));
         }
-        for image in [
-            "rollcall-server",
-            "rollcall-appserver",
-            "rollcall-frontserver",
-            "rollcall-proxyserver",
-        ] {
-            let _ = run(Command::new("docker").args(["rmi", &format!("{image}:{}", self.tag)]));
-        }
-        if self.seeded_base && std::env::var_os("ROLLCALL_TEST_KEEP_BASE").is_none() {
-            let _ = run(Command::new("docker").args(["rmi", "debian:12-slim"]));
-        }
+        let _ = run(Command::new("docker").args([
+            "network",
+            "rm",
+            &format!("{}_cluster", self.project),
+        ]));
     }
 }
 
@@ -537,13 +563,8 @@ fn the_stack_in_containers() {
         .status
         .code()
         != Some(0);
-    let pid = std::process::id();
-    let stack = Stack {
-        project: format!("rollcalltest{pid}"),
-        tag: format!("test-{pid}"),
-        net: free_net(),
-        compose: compose_program(),
-        file: repo().join("docker/docker-compose.yml"),
+    let images = Images {
+        tag: format!("test-{}", std::process::id()),
         seeded_base,
     };
     if seeded_base {
@@ -554,7 +575,27 @@ fn the_stack_in_containers() {
             t.elapsed().as_secs_f64()
         );
     }
+    eprintln!("\n== one rollcall server (docker/docker-compose.yml)");
+    one_server(&images);
+    eprintln!("\n== several rollcall servers over etcd (+ docker/docker-compose.etcd.yml)");
+    over_etcd(&images);
+}
 
+fn stack(images: &Images, suffix: &str, files: &[&str]) -> Stack {
+    Stack {
+        project: format!("rollcalltest{}{suffix}", std::process::id()),
+        tag: images.tag.clone(),
+        net: free_net(),
+        compose: compose_program(),
+        files: files
+            .iter()
+            .map(|f| repo().join("docker").join(f))
+            .collect(),
+    }
+}
+
+fn one_server(images: &Images) {
+    let stack = stack(images, "", &["docker-compose.yml"]);
     let t = Instant::now();
     stack.compose(&["build"]);
     eprintln!(
@@ -1004,6 +1045,249 @@ fn the_stack_in_containers() {
     drop(stack);
     eprintln!(
         "cleanup (compose down, images): {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// `true` when every answer recorded after `t0` held all of `want` (no timeout either).
+fn never_lost(
+    changes: &[(Instant, Option<BTreeSet<String>>)],
+    want: &BTreeSet<String>,
+    t0: Instant,
+) -> bool {
+    changes
+        .iter()
+        .filter(|(at, _)| *at >= t0)
+        .all(|(_, s)| s.as_ref().is_some_and(|s| s.is_superset(want)))
+}
+
+/// `(node, session)` of every node of `role`, from one server's API.
+fn sessions(api: &str, role: &str) -> Option<BTreeMap<String, bool>> {
+    let v: serde_json::Value = util::http()
+        .get(format!("{api}/v1/roles/{role}"))
+        .send()
+        .ok()?
+        .json()
+        .ok()?;
+    Some(
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap_or("").to_owned(),
+                    n["session"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The etcd service (`etcd1`..`etcd3`) that leads, asked through etcd's JSON gateway.
+fn etcd_leader(net: &str) -> String {
+    for i in 1..=3 {
+        let url = format!("http://{net}.2{i}:2379/v3/maintenance/status");
+        let Ok(r) = util::http().post(&url).body("{}").send() else {
+            continue;
+        };
+        let Ok(v) = r.json::<serde_json::Value>() else {
+            continue;
+        };
+        if v["leader"].is_string() && v["leader"] == v["header"]["member_id"] {
+            return format!("etcd{i}");
+        }
+    }
+    panic!("no etcd member says it leads");
+}
+
+fn over_etcd(images: &Images) {
+    let stack = stack(
+        images,
+        "etcd",
+        &["docker-compose.yml", "docker-compose.etcd.yml"],
+    );
+    let t = Instant::now();
+    stack.compose(&["build"]);
+    eprintln!(
+        "compose build (the etcd image; the others cached): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    stack.compose(&[
+        "up",
+        "-d",
+        "--scale",
+        "appserver=3",
+        "--scale",
+        "frontserver=2",
+    ]);
+    eprintln!(
+        "compose up (3 etcd, 2 rollcall, 3 appservers, 2 frontservers with their own rollcall, proxyserver): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let net = stack.net.clone();
+    let apps = stack.ids("appserver");
+    let fronts = stack.ids("frontserver");
+    assert_eq!((apps.len(), fronts.len()), (3, 2));
+    let app_ips = ips(&apps);
+    let front_ips = ips(&fronts);
+    let central: Vec<SocketAddr> = [53, 54]
+        .iter()
+        .map(|h| format!("{net}.{h}:1053").parse().unwrap())
+        .collect();
+    let locals: Vec<SocketAddr> = front_ips
+        .iter()
+        .map(|ip| format!("{ip}:1053").parse().unwrap())
+        .collect();
+
+    // 1. Every server (the two central ones, each frontserver's own) answers the same sets, and
+    //    the frontservers are registered with their container addresses (their agents register
+    //    through the server on their own loopback first).
+    let t = Instant::now();
+    for srv in central.iter().chain(&locals) {
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                dns_a(*srv, "appserver.cluster.").is_some_and(|a| a == app_ips)
+                    && dns_a(*srv, "frontserver.cluster.").is_some_and(|a| a == front_ips)
+            }),
+            "server {srv}: appserver {:?} (want {app_ips:?}), frontserver {:?} (want {front_ips:?})",
+            dns_a(*srv, "appserver.cluster."),
+            dns_a(*srv, "frontserver.cluster.")
+        );
+    }
+    eprintln!(
+        "all 4 servers answer every node {:.2} s after up",
+        t.elapsed().as_secs_f64()
+    );
+    let want_list: Vec<String> = std::iter::once("frontserver".to_string())
+        .chain(front_ips.iter().map(|i| format!("http://{i}:80")))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || stack.redis_list() == want_list),
+        "redis: {:?}, want {want_list:?}",
+        stack.redis_list()
+    );
+
+    let proxy = stack.one("proxyserver");
+    let via_proxy = Targets(Arc::new(RwLock::new(Vec::new())));
+    let standin = StandIn::start(proxy, via_proxy.clone());
+    assert!(eventually(Duration::from_secs(5), || {
+        via_proxy.0.read().unwrap().len() == 2
+    }));
+
+    // 2. kill -9 of the rollcall server the appservers hold their sessions on, under load.
+    let rc1 = stack.one("rollcall");
+    let watch2 = DnsWatch::start(central[1], "appserver.cluster.");
+    let watch_local = DnsWatch::start(locals[0], "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["kill", &rc1]);
+    let api2 = format!("http://{net}.54:8053");
+    let moved = eventually(Duration::from_secs(15), || {
+        sessions(&api2, "appserver").is_some_and(|s| s.len() == 3 && s.values().all(|live| *live))
+    });
+    let moved_at = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = load.finish();
+    let (c2, cl) = (watch2.finish(), watch_local.finish());
+    eprintln!(
+        "docker kill rollcall: appservers' sessions on rollcall2 +{:.2} s",
+        moved_at.as_secs_f64()
+    );
+    assert!(
+        moved,
+        "the agents did not move to rollcall2: {:?}",
+        sessions(&api2, "appserver")
+    );
+    assert!(
+        never_lost(&c2, &app_ips, t0) && never_lost(&cl, &app_ips, t0),
+        "an appserver left the other servers' answers: {c2:?} / {cl:?}"
+    );
+    assert_eq!(summary("docker kill rollcall", &samples, t0), 0);
+
+    // 3. kill -9 of the etcd leader, under load.
+    let leader = etcd_leader(&net);
+    let leader_id = stack.one(&leader);
+    let watch2 = DnsWatch::start(central[1], "appserver.cluster.");
+    let watch_local = DnsWatch::start(locals[1], "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["kill", &leader_id]);
+    std::thread::sleep(Duration::from_secs(4));
+    let samples = load.finish();
+    let (c2, cl) = (watch2.finish(), watch_local.finish());
+    eprintln!("docker kill {leader} (the etcd leader)");
+    assert!(
+        never_lost(&c2, &app_ips, t0) && never_lost(&cl, &app_ips, t0),
+        "an appserver left the answers during the etcd election: {c2:?} / {cl:?}"
+    );
+    assert_eq!(summary("docker kill etcd leader", &samples, t0), 0);
+
+    // 4. Writes still work with one central server and 2 of 3 etcd members: scale 3 -> 4 under
+    //    load, then docker stop of an appserver.
+    let load = Load::start(via_proxy.clone(), 4);
+    let t0 = Instant::now();
+    stack.compose(&[
+        "up",
+        "-d",
+        "--no-deps",
+        "--no-recreate",
+        "--scale",
+        "appserver=4",
+        "appserver",
+    ]);
+    let apps4 = stack.ids("appserver");
+    assert_eq!(apps4.len(), 4);
+    let new_id = apps4.iter().find(|i| !apps.contains(i)).unwrap().clone();
+    let new_name = hostname_of(&new_id);
+    let served = eventually(Duration::from_secs(20), || {
+        let s = load.samples.lock().unwrap();
+        front_ips.iter().all(|fs| {
+            s.iter().any(|x| {
+                x.target.starts_with(fs.as_str()) && x.result.as_deref() == Ok(new_name.as_str())
+            })
+        })
+    });
+    let served_at = t0.elapsed();
+    assert!(
+        served,
+        "the new appserver was not served by both frontservers"
+    );
+    let all4 = ips(&apps4);
+    for srv in std::iter::once(&central[1]).chain(&locals) {
+        assert!(eventually(Duration::from_secs(10), || dns_a(
+            *srv,
+            "appserver.cluster."
+        )
+        .is_some_and(|a| a == all4)));
+    }
+    let victim = apps[0].clone();
+    let victim_ip = ip_of(&victim);
+    let t1 = Instant::now();
+    docker(&["stop", &victim]);
+    for srv in std::iter::once(&central[1]).chain(&locals) {
+        assert!(
+            eventually(Duration::from_secs(5), || dns_a(*srv, "appserver.cluster.")
+                .is_some_and(|a| !a.contains(&victim_ip) && a.len() == 3)),
+            "the stopped appserver stayed in {srv}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = load.finish();
+    eprintln!(
+        "scale 3 -> 4 with rollcall and {leader} down: served by both frontservers +{:.2} s; docker stop appserver {:.2} s",
+        served_at.as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    );
+    assert_eq!(summary("scale up and stop, degraded", &samples, t0), 0);
+
+    drop(standin);
+    let t0 = Instant::now();
+    drop(stack);
+    eprintln!(
+        "cleanup (compose down): {:.1} s",
         t0.elapsed().as_secs_f64()
     );
 }
