@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use rand::Rng;
 
 const TTL: &str = "3";
 
@@ -327,7 +326,6 @@ fn main() {
     );
     let api = format!("http://{}", server.http);
     let mut dns = Dns::new(server.dns);
-    let mut rng = rand::thread_rng();
     eprintln!(
         "rollcall at {api}, DNS {}; {reps} repetitions; silent loss by {}",
         server.dns,
@@ -346,7 +344,7 @@ fn main() {
         let t = Instant::now();
         let mut a = agent(&api, &node, None);
         start.push(dns.until(&name, true, t));
-        std::thread::sleep(Duration::from_millis(rng.gen_range(100..1100)));
+        std::thread::sleep(Duration::from_millis(rand::random_range(100..1100)));
         let t = Instant::now();
         kill(a.id(), libc::SIGTERM);
         term.push(dns.until(&name, false, t));
@@ -357,7 +355,7 @@ fn main() {
         let name = format!("{node}.timing.cluster.");
         let mut a = agent(&api, &node, None);
         dns.until(&name, true, Instant::now());
-        std::thread::sleep(Duration::from_millis(rng.gen_range(100..1100)));
+        std::thread::sleep(Duration::from_millis(rand::random_range(100..1100)));
         let t = Instant::now();
         let _ = a.kill();
         kill9.push(dns.until(&name, false, t));
@@ -368,7 +366,7 @@ fn main() {
         let name = format!("{node}.timing.cluster.");
         let mut a = agent(&api, &node, netns.as_ref().map(|n| n.name.as_str()));
         dns.until(&name, true, Instant::now());
-        std::thread::sleep(Duration::from_millis(rng.gen_range(1000..2000)));
+        std::thread::sleep(Duration::from_millis(rand::random_range(1000..2000)));
         let t = Instant::now();
         match &netns {
             Some(n) => n.link(false),

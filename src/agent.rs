@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -334,7 +333,7 @@ impl Backoff {
         let step = self.step.min(cap);
         self.step = (self.step * 2).min(cap);
         let ms = step.as_millis().max(2) as u64;
-        Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms))
+        Duration::from_millis(rand::random_range(ms / 2..=ms))
     }
 }
 

@@ -28,7 +28,6 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use redis::aio::MultiplexedConnection;
 use reqwest::Url;
 use tokio::sync::watch;
@@ -409,7 +408,7 @@ impl Backoff {
         let step = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         let lo = step.as_secs_f64() / 2.0;
-        Duration::from_secs_f64(rand::thread_rng().gen_range(lo..=step.as_secs_f64()))
+        Duration::from_secs_f64(rand::random_range(lo..=step.as_secs_f64()))
     }
 }
 

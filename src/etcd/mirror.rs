@@ -97,8 +97,7 @@ async fn serial_base(client: &Client, cfg: &EtcdConfig) -> Result<u32, EtcdError
 }
 
 fn jittered(d: Duration) -> Duration {
-    use rand::Rng;
-    d.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
+    d.mul_f64(rand::random_range(0.8..1.2))
 }
 
 pub struct Mirror {
