@@ -282,9 +282,15 @@ pub struct CheckArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Address for DNS over UDP and TCP.
-    #[arg(long, env = "ROLLCALL_DNS_LISTEN", default_value = "127.0.0.1:1053")]
-    pub dns_listen: String,
+    /// Address for DNS over UDP and TCP; several (comma-separated or repeated) to answer on
+    /// each, e.g. 0.0.0.0:53,[::]:53 for IPv4 and IPv6 (IPv6 sockets are IPv6-only).
+    #[arg(
+        long,
+        env = "ROLLCALL_DNS_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:1053"
+    )]
+    pub dns_listen: Vec<String>,
 
     /// Address for the HTTP API.
     #[arg(long, env = "ROLLCALL_HTTP_LISTEN", default_value = "127.0.0.1:8053")]

@@ -14,7 +14,8 @@ use crate::registry::Limits;
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    pub dns_listen: SocketAddr,
+    /// Never empty; the first is the main one (its address is ns.<zone>'s default).
+    pub dns_listen: Vec<SocketAddr>,
     pub http_listen: SocketAddr,
     pub zone: Name,
     pub zones_dir: PathBuf,
@@ -169,7 +170,26 @@ impl ServeConfig {
         Ok(ServeConfig {
             etcd,
             forward,
-            dns_listen: parse_addr("dns-listen", &a.dns_listen)?,
+            dns_listen: {
+                let addrs = a
+                    .dns_listen
+                    .iter()
+                    .map(|s| s.trim())
+                    .filter(|s| !s.is_empty())
+                    .map(|s| parse_addr("dns-listen", s))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if addrs.is_empty() {
+                    return Err(err(
+                        "--dns-listen is empty: give an address, e.g. 127.0.0.1:1053",
+                    ));
+                }
+                for (i, x) in addrs.iter().enumerate() {
+                    if addrs[..i].contains(x) {
+                        return Err(err(format!("--dns-listen lists {x} twice")));
+                    }
+                }
+                addrs
+            },
             http_listen: parse_addr("http-listen", &a.http_listen)?,
             zone,
             zones_dir: a.zones,
@@ -209,7 +229,7 @@ impl ServeConfig {
     /// Settings for tests and benchmarks: loopback, port 0, memory only, no zone files.
     pub fn for_tests() -> ServeConfig {
         ServeConfig {
-            dns_listen: "127.0.0.1:0".parse().unwrap(),
+            dns_listen: vec!["127.0.0.1:0".parse().unwrap()],
             http_listen: "127.0.0.1:0".parse().unwrap(),
             zone: Name::from_ascii("cluster.").unwrap(),
             zones_dir: PathBuf::from("/nonexistent-rollcall-zones"),

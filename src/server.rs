@@ -38,7 +38,10 @@ pub enum StartError {
 
 /// A running server.
 pub struct Running {
+    /// The first of `dns_addrs`.
     pub dns_addr: SocketAddr,
+    /// Every DNS address bound, in --dns-listen order (port 0 resolved).
+    pub dns_addrs: Vec<SocketAddr>,
     pub http_addr: SocketAddr,
     pub registry: Registry,
     builder: Arc<Mutex<Builder>>,
@@ -130,10 +133,19 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     for z in &statics {
         tracing::info!(zone = %z.origin, file = %z.path.display(), records = z.record_count, "loaded zone file");
     }
-    let (udp, tcp) = bind_dns(config.dns_listen, config.dns_threads)?;
-    let dns_addr = tcp
-        .local_addr()
-        .map_err(|e| bind_error(e, config.dns_listen, "DNS over TCP", "dns-listen"))?;
+    let mut udp = Vec::new();
+    let mut tcps = Vec::new();
+    let mut dns_addrs = Vec::new();
+    for &addr in &config.dns_listen {
+        let (u, t) = bind_dns(addr, config.dns_threads)?;
+        dns_addrs.push(
+            t.local_addr()
+                .map_err(|e| bind_error(e, addr, "DNS over TCP", "dns-listen"))?,
+        );
+        udp.extend(u);
+        tcps.push(t);
+    }
+    let dns_addr = dns_addrs[0];
     let http = TcpListener::bind(config.http_listen)
         .await
         .map_err(|e| bind_error(e, config.http_listen, "HTTP API", "http-listen"))?;
@@ -211,7 +223,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         }
         let nets: Vec<String> = f.allow.iter().map(|n| n.to_string()).collect();
         tracing::info!(allow_recursion = %nets.join(","), "names outside our zones are forwarded for these clients only");
-        let f = Arc::new(dns::forward::start(f, &[dns_addr], shutdown.clone()));
+        let f = Arc::new(dns::forward::start(f, &dns_addrs, shutdown.clone()));
         let _ = dns_stats.forward.set(f.stats.clone());
         f
     });
@@ -231,22 +243,32 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             .enable_all()
             .build()
             .map_err(|e| bind_error(e, dns_addr, "DNS over TCP", "dns-listen"))?;
-        let tcp = {
+        let listeners = {
             let _guard = runtime.enter();
-            TcpListener::from_std(tcp)
-                .map_err(|e| bind_error(e, dns_addr, "DNS over TCP", "dns-listen"))?
+            tcps.into_iter()
+                .zip(&dns_addrs)
+                .map(|(t, a)| {
+                    TcpListener::from_std(t)
+                        .map_err(|e| bind_error(e, *a, "DNS over TCP", "dns-listen"))
+                })
+                .collect::<Result<Vec<_>, _>>()?
         };
+        // One thread and runtime for DNS over TCP, whatever the number of addresses.
         std::thread::Builder::new()
             .name("dns-tcp".into())
             .spawn(move || {
-                runtime.block_on(dns::tcp::serve(
-                    tcp,
-                    cell,
-                    allow_query,
-                    forward,
-                    dns_stats,
-                    shutdown,
-                ))
+                runtime.block_on(futures_util::future::join_all(listeners.into_iter().map(
+                    |tcp| {
+                        dns::tcp::serve(
+                            tcp,
+                            cell.clone(),
+                            allow_query.clone(),
+                            forward.clone(),
+                            dns_stats.clone(),
+                            shutdown.clone(),
+                        )
+                    },
+                )));
             })
             .expect("spawning a thread")
     };
@@ -269,11 +291,14 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
 
-    tracing::info!(udp = %dns_addr, tcp = %dns_addr, threads = config.dns_threads, zone = %config.zone, "listening for DNS");
+    for a in &dns_addrs {
+        tracing::info!(udp = %a, tcp = %a, threads = config.dns_threads, zone = %config.zone, "listening for DNS");
+    }
     tracing::info!(http = %http_addr, "listening for HTTP");
     let stop_on_drop = shutdown.clone().drop_guard();
     Ok(Running {
         dns_addr,
+        dns_addrs,
         http_addr,
         registry,
         builder,

@@ -59,6 +59,45 @@ fn dig_sees_nodes_registered_a_moment_before() {
     assert!(out.contains("status: REFUSED"), "{out}");
 }
 
+/// One server answering on IPv4 and IPv6 at once (`--dns-listen 127.0.0.1:0,[::1]:0`), over
+/// UDP and TCP on each; a bad or repeated address is refused with a sentence.
+#[test]
+fn dns_on_ipv4_and_ipv6_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let server = ServeProc::start_on(
+        "127.0.0.1:0,[::1]:0",
+        "127.0.0.1:0",
+        &dir.path().join("data"),
+        &zones,
+        &[],
+    );
+    assert_eq!(server.dns_all.len(), 2, "{:?}", server.dns_all);
+    assert!(server.dns_all[0].is_ipv4() && server.dns_all[1].is_ipv6());
+    let r = put(&server.api(), "appserver", "a1", r#"{"addr":"10.0.0.7"}"#);
+    assert_eq!(r.status(), 200);
+    for addr in &server.dns_all {
+        for transport in ["+notcp", "+tcp"] {
+            let out = dig(*addr, &[transport, "appserver.cluster", "+short"]);
+            assert_eq!(out.trim(), "10.0.0.7", "{addr} {transport}: {out}");
+        }
+    }
+    for (arg, want) in [
+        ("127.0.0.1:0,nonsense", "is not an address:port"),
+        ("127.0.0.1:5353,127.0.0.1:5353", "twice"),
+    ] {
+        let out = Command::new(rollcall_bin())
+            .args(["serve", "--dns-listen", arg, "--data-dir", ""])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{arg}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{arg}: {err}");
+    }
+}
+
 #[test]
 fn sighup_reloads_zone_files_and_keeps_the_old_ones_when_broken() {
     let dir = tempfile::tempdir().unwrap();

@@ -39,6 +39,8 @@ pub fn require(tool: &str) -> PathBuf {
 pub struct ServeProc {
     pub child: Child,
     pub dns: SocketAddr,
+    /// Every DNS address, in --dns-listen order (`dns` is the first).
+    pub dns_all: Vec<SocketAddr>,
     pub http: SocketAddr,
     pub data_dir: PathBuf,
     /// stderr lines after start-up.
@@ -115,7 +117,7 @@ impl ServeProc {
                 }
             }
         });
-        let (mut dns, mut http) = (None, None);
+        let (mut dns_all, mut http) = (Vec::new(), None);
         let deadline = Instant::now() + Duration::from_secs(20);
         // Kills the child if anything below panics, so no test leaves a server behind.
         struct Guard(Option<Child>);
@@ -128,7 +130,7 @@ impl ServeProc {
             }
         }
         let mut guard = Guard(Some(child));
-        while dns.is_none() || http.is_none() {
+        while http.is_none() {
             let line = rx
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|_| {
@@ -136,7 +138,7 @@ impl ServeProc {
                     panic!("rollcall serve did not report its addresses; status {status:?}")
                 });
             if line.contains("listening for DNS") {
-                dns = Some(field(&line, "udp="));
+                dns_all.push(field(&line, "udp="));
             }
             if line.contains("listening for HTTP") {
                 http = Some(field(&line, "http="));
@@ -145,7 +147,10 @@ impl ServeProc {
         let child = guard.0.take().expect("still here");
         ServeProc {
             child,
-            dns: dns.unwrap(),
+            dns: *dns_all
+                .first()
+                .expect("rollcall serve reported no DNS address"),
+            dns_all,
             http: http.unwrap(),
             data_dir: data_dir.to_owned(),
             log: rx,
