@@ -107,6 +107,29 @@ pub struct DnsStats {
     pub tcp: SharedDnsCounters,
     /// Forwarding's counters, when `--forward` is on.
     pub forward: std::sync::OnceLock<Arc<crate::dns::forward::ForwardStats>>,
+    /// The published snapshot, for the zones' SOA serials.
+    pub snapshot: std::sync::OnceLock<Arc<arc_swap::ArcSwap<crate::dns::snapshot::Snapshot>>>,
+    /// Zone file loads (the one at start and every SIGHUP): results, and the last good one.
+    pub zone_loads_ok: AtomicU64,
+    pub zone_loads_failed: AtomicU64,
+    /// Unix time (ms) of the last successful load; its duration (µs).
+    pub zone_last_load_ms: AtomicU64,
+    pub zone_last_load_us: AtomicU64,
+}
+
+impl DnsStats {
+    /// Records one load of the zone files.
+    pub fn zone_load(&self, ok: bool, took: Duration) {
+        if ok {
+            self.zone_loads_ok.fetch_add(1, Relaxed);
+            self.zone_last_load_ms
+                .store(crate::clock::unix_ms(), Relaxed);
+            self.zone_last_load_us
+                .store(took.as_micros() as u64, Relaxed);
+        } else {
+            self.zone_loads_failed.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 impl DnsStats {
@@ -137,6 +160,40 @@ pub struct RegistryCounters {
     pub storage_failures: AtomicU64,
     /// Journal rewrites of the live set (compactions and recoveries).
     pub compactions: AtomicU64,
+    /// Journal commits: with fsync (registrations, deregistrations) and without (renewals).
+    pub commit_durable: AtomicHistogram,
+    pub commit_buffered: AtomicHistogram,
+}
+
+/// A latency histogram written by one thread (the registry writer) with relaxed atomics.
+#[derive(Default)]
+pub struct AtomicHistogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl AtomicHistogram {
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+
+    fn snapshot(&self) -> Histogram {
+        let mut h = Histogram::default();
+        for (i, b) in self.buckets.iter().enumerate() {
+            h.buckets[i] = b.load(Relaxed);
+        }
+        h.count = self.count.load(Relaxed);
+        h.sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        h
+    }
 }
 
 impl RegistryCounters {
@@ -154,18 +211,21 @@ struct Histogram {
     sum: f64,
 }
 
-/// API requests by (method, route, status), with latency.
+/// API requests by (method, route, status, blocking), with latency. Every label comes from a
+/// bounded set: methods are named or OTHER, routes are the router's (or "unmatched").
 #[derive(Default)]
 pub struct ApiMetrics {
-    requests: Mutex<BTreeMap<(String, String, u16), Histogram>>,
+    requests: Mutex<BTreeMap<(String, String, u16, bool), Histogram>>,
 }
 
 impl ApiMetrics {
-    pub fn record(&self, method: &str, route: &str, status: u16, took: Duration) {
+    /// `blocking`: a blocking query (`?index=`), which waits by design and would drown the
+    /// latency of plain GETs.
+    pub fn record(&self, method: &str, route: &str, status: u16, blocking: bool, took: Duration) {
         let secs = took.as_secs_f64();
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         let h = map
-            .entry((method.to_owned(), route.to_owned(), status))
+            .entry((method.to_owned(), route.to_owned(), status, blocking))
             .or_default();
         for (i, b) in BUCKETS.iter().enumerate() {
             if secs <= *b {
@@ -199,13 +259,17 @@ fn rate_limited<'a>(blocks: impl Iterator<Item = &'a DnsCounters>) -> u64 {
 }
 
 /// Renders everything in Prometheus text format.
-pub fn render(
-    dns: &DnsStats,
-    reg: &RegistryCounters,
-    api: &ApiMetrics,
-    index: u64,
-    roles: &[(String, usize)],
-) -> String {
+/// What the API knows at scrape time.
+pub struct Live<'a> {
+    pub index: u64,
+    /// Live nodes per role; roles seen before and empty now are listed with 0.
+    pub roles: &'a [(String, usize)],
+    pub sessions: usize,
+    pub blocking_queries: usize,
+}
+
+pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &Live) -> String {
+    let (index, roles) = (live.index, live.roles);
     let mut out = String::with_capacity(4096);
     let head = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -366,8 +430,10 @@ pub fn render(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    for ((method, route, status), h) in map {
-        let labels = format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"");
+    for ((method, route, status, blocking), h) in map {
+        let labels = format!(
+            "method=\"{method}\",route=\"{route}\",status=\"{status}\",blocking=\"{blocking}\""
+        );
         for (i, b) in BUCKETS.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -391,8 +457,166 @@ pub fn render(
             h.count
         );
     }
+    gauge(
+        &mut out,
+        "rollcall_sessions",
+        "Open WebSocket sessions (one per node that holds one).",
+        live.sessions as f64,
+    );
+    gauge(
+        &mut out,
+        "rollcall_blocking_queries",
+        "Blocking queries (GET ...?index=) waiting now.",
+        live.blocking_queries as f64,
+    );
+    if let Some(cell) = dns.snapshot.get() {
+        head(
+            &mut out,
+            "rollcall_soa_serial",
+            "gauge",
+            "SOA serial of each served zone.",
+        );
+        for z in &cell.load().zones {
+            let _ = writeln!(
+                out,
+                "rollcall_soa_serial{{zone=\"{}\"}} {}",
+                z.apex_name, z.serial
+            );
+        }
+    }
+    head(
+        &mut out,
+        "rollcall_zone_loads_total",
+        "counter",
+        "Loads of the zone files (at start and on SIGHUP), by result; a failed one keeps the previous zones.",
+    );
+    let _ = writeln!(
+        out,
+        "rollcall_zone_loads_total{{result=\"ok\"}} {}\nrollcall_zone_loads_total{{result=\"error\"}} {}",
+        dns.zone_loads_ok.load(Relaxed),
+        dns.zone_loads_failed.load(Relaxed)
+    );
+    gauge(
+        &mut out,
+        "rollcall_zone_last_load_timestamp_seconds",
+        "When the zone files last loaded successfully (Unix time).",
+        dns.zone_last_load_ms.load(Relaxed) as f64 / 1000.0,
+    );
+    gauge(
+        &mut out,
+        "rollcall_zone_last_load_duration_seconds",
+        "How long that load took.",
+        dns.zone_last_load_us.load(Relaxed) as f64 / 1e6,
+    );
+    head(
+        &mut out,
+        "rollcall_journal_commit_seconds",
+        "histogram",
+        "Data dir commits: durable=\"true\" with fsync (registrations, deregistrations), \"false\" written only (renewals).",
+    );
+    for (durable, h) in [
+        ("true", reg.commit_durable.snapshot()),
+        ("false", reg.commit_buffered.snapshot()),
+    ] {
+        histogram(
+            &mut out,
+            "rollcall_journal_commit_seconds",
+            &format!("durable=\"{durable}\""),
+            &h,
+        );
+    }
+    process_metrics(&mut out);
     if let Some(f) = dns.forward.get() {
         f.render(&mut out);
     }
     out
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    for (i, b) in BUCKETS.iter().enumerate() {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {}", h.buckets[i]);
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+}
+
+/// The standard process_* families, from /proc/self (Linux); nothing where it cannot be read.
+fn process_metrics(out: &mut String) {
+    // SAFETY: sysconf with constant names, no pointers.
+    let (tck, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as f64,
+        )
+    };
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        // rest[0] is field 3 (state): utime 14, stime 15, starttime 22, vsize 23, rss 24.
+        let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+        if let (Some(u), Some(s)) = (field(14), field(15)) {
+            let _ = writeln!(
+                out,
+                "# HELP process_cpu_seconds_total User and system CPU time.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
+                (u + s) / tck
+            );
+        }
+        if let Some(v) = field(23) {
+            gauge(
+                out,
+                "process_virtual_memory_bytes",
+                "Virtual memory size.",
+                v,
+            );
+        }
+        if let Some(r) = field(24) {
+            gauge(
+                out,
+                "process_resident_memory_bytes",
+                "Resident memory size.",
+                r * page,
+            );
+        }
+        let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+        });
+        if let (Some(start), Some(btime)) = (field(22), btime) {
+            gauge(
+                out,
+                "process_start_time_seconds",
+                "Start time of the process (Unix time).",
+                btime + start / tck,
+            );
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge(
+            out,
+            "process_open_fds",
+            "Open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        gauge(
+            out,
+            "process_max_fds",
+            "Limit of open file descriptors.",
+            lim.rlim_cur as f64,
+        );
+    }
 }

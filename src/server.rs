@@ -43,6 +43,7 @@ pub struct Running {
     /// Every DNS address bound, in --dns-listen order (port 0 resolved).
     pub dns_addrs: Vec<SocketAddr>,
     pub http_addr: SocketAddr,
+    dns_stats: Arc<crate::metrics::DnsStats>,
     pub registry: Registry,
     builder: Arc<Mutex<Builder>>,
     config: ServeConfig,
@@ -121,7 +122,10 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     if let Some(n) = crate::net::raise_fd_limit() {
         tracing::debug!(limit = n, "open files limit");
     }
+    let dns_stats = Arc::new(crate::metrics::DnsStats::default());
+    let load_started = std::time::Instant::now();
     let statics = dns::zones::load_dir(&config.zones_dir)?;
+    dns_stats.zone_load(true, load_started.elapsed());
     if statics.is_empty() {
         let dir = std::path::absolute(&config.zones_dir).unwrap_or(config.zones_dir.clone());
         if dir.is_dir() {
@@ -210,7 +214,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     };
 
     let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();
-    let dns_stats = Arc::new(crate::metrics::DnsStats::default());
+    let _ = dns_stats.snapshot.set(cell.clone());
     let rate_limit = Arc::new(dns::rrl::RateLimit::new(config.rate_limit.clone()));
     let forward = config.forward.clone().map(|f| {
         for r in &f.rules {
@@ -282,7 +286,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     )));
     let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone())
         .with_reserved_roles(reserved.clone())
-        .with_dns_stats(dns_stats)
+        .with_dns_stats(dns_stats.clone())
         .with_max_wait(config.max_wait)
         .with_max_waiters_per_client(config.max_waits_per_client);
     let http_task = tokio::spawn(api::serve::serve(
@@ -300,6 +304,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         dns_addr,
         dns_addrs,
         http_addr,
+        dns_stats,
         registry,
         builder,
         config,
@@ -355,7 +360,10 @@ impl StartError {
 impl Running {
     /// Re-reads the zone files. On error the old zones stay served.
     pub fn reload_zones(&self) -> Result<usize, ZoneError> {
-        let statics = dns::zones::load_dir(&self.config.zones_dir)?;
+        let started = std::time::Instant::now();
+        let statics = dns::zones::load_dir(&self.config.zones_dir)
+            .inspect_err(|_| self.dns_stats.zone_load(false, started.elapsed()))?;
+        self.dns_stats.zone_load(true, started.elapsed());
         let n = statics.len();
         let mut b = self.builder.lock().unwrap_or_else(|p| p.into_inner());
         b.set_statics(statics);

@@ -835,3 +835,153 @@ fn sigterm_stops_the_server_even_when_its_stderr_is_gone() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// What operators alert on, from the real binary: bounded labels, roles kept at 0, sessions and
+/// blocking queries in flight, SOA serial, zone loads, journal commit latency, process metrics;
+/// every sample line parses.
+#[test]
+fn metrics_for_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &zones, &[]);
+    let api = server.api();
+    let scrape = || http().get(format!("{api}/metrics")).send().unwrap();
+    let r = scrape();
+    assert_eq!(
+        r.headers()["content-type"].to_str().unwrap(),
+        "text/plain; version=0.0.4"
+    );
+
+    // Made-up methods share one label value.
+    for m in ["FOO1", "FOO2", "BAR"] {
+        let _ = http()
+            .request(
+                reqwest::Method::from_bytes(m.as_bytes()).unwrap(),
+                format!("{api}/v1/roles"),
+            )
+            .send()
+            .unwrap();
+    }
+    let text = scrape().text().unwrap();
+    assert!(
+        !text.contains("FOO1") && !text.contains("BAR"),
+        "a made-up method became a label"
+    );
+    assert!(text.contains("method=\"OTHER\""), "{text}");
+
+    // A role that empties stays at 0.
+    assert_eq!(
+        put(&api, "web", "w1", r#"{"addr":"10.0.0.7"}"#).status(),
+        200
+    );
+    assert_eq!(metric(&api, "rollcall_nodes{role=\"web\"}"), 1.0);
+    let d = http()
+        .delete(format!("{api}/v1/roles/web/nodes/w1"))
+        .send()
+        .unwrap();
+    assert!(d.status().is_success());
+    assert_eq!(metric(&api, "rollcall_nodes{role=\"web\"}"), 0.0);
+    assert!(
+        metric(
+            &api,
+            "rollcall_journal_commit_seconds_count{durable=\"true\"}"
+        ) >= 2.0
+    );
+
+    // A session held by a real agent, and a blocking query waiting.
+    assert_eq!(metric(&api, "rollcall_sessions"), 0.0);
+    let mut agent = Command::new(rollcall_bin())
+        .args([
+            "register", "--api", &api, "--role", "s", "--node", "s1", "--addr", "10.0.0.9",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || metric(
+        &api,
+        "rollcall_sessions"
+    ) == 1.0));
+    let index = http()
+        .get(format!("{api}/v1/roles/s"))
+        .send()
+        .unwrap()
+        .headers()["x-rollcall-index"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let waiter = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            http()
+                .get(format!("{api}/v1/roles/s?index={index}&wait=3s"))
+                .send()
+                .unwrap()
+                .status()
+        })
+    };
+    assert!(eventually(Duration::from_secs(5), || metric(
+        &api,
+        "rollcall_blocking_queries"
+    ) == 1.0));
+    assert_eq!(waiter.join().unwrap(), 200);
+    assert_eq!(metric(&api, "rollcall_blocking_queries"), 0.0);
+    let text = scrape().text().unwrap();
+    assert!(
+        text.contains("route=\"/v1/roles/{role}\",status=\"200\",blocking=\"true\"")
+            && text.contains("route=\"/v1/roles/{role}\",status=\"200\",blocking=\"false\""),
+        "blocking queries are not told apart:\n{text}"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(eventually(Duration::from_secs(5), || metric(
+        &api,
+        "rollcall_sessions"
+    ) == 0.0));
+
+    // The SOA serial is the one dig sees.
+    let soa = dig(server.dns, &["cluster", "SOA", "+short"]);
+    let serial: f64 = soa.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_eq!(
+        metric(&api, "rollcall_soa_serial{zone=\"cluster.\"}"),
+        serial
+    );
+
+    // Zone loads: the one at start, then a broken file on SIGHUP.
+    assert_eq!(
+        metric(&api, "rollcall_zone_loads_total{result=\"ok\"}"),
+        1.0
+    );
+    assert!(metric(&api, "rollcall_zone_last_load_timestamp_seconds") > 1.7e9);
+    std::fs::write(zones.join("cluster.zone"), "$TTL 60\n@ IN SOA broken\n").unwrap();
+    server.signal("HUP");
+    assert!(eventually(Duration::from_secs(5), || metric(
+        &api,
+        "rollcall_zone_loads_total{result=\"error\"}"
+    ) == 1.0));
+
+    // Process metrics, and every sample line is `name{labels} number`.
+    let text = scrape().text().unwrap();
+    for series in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+    ] {
+        assert!(metric(&api, series) > 0.0, "{series}");
+    }
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+        assert!(
+            name.chars().next().unwrap().is_ascii_alphabetic()
+                && (!name.contains('{') || name.ends_with('}')),
+            "bad sample {line:?}"
+        );
+    }
+}

@@ -658,7 +658,7 @@ async fn metrics_count_queries_registrations_and_requests() {
     assert_eq!(
         sample(
             &text,
-            r#"rollcall_http_request_duration_seconds_count{method="PUT",route="/v1/roles/{role}/nodes/{node}",status="200"}"#
+            r#"rollcall_http_request_duration_seconds_count{method="PUT",route="/v1/roles/{role}/nodes/{node}",status="200",blocking="false"}"#
         ),
         3.0
     );

@@ -81,7 +81,12 @@ pub struct AppState {
     /// Roles that would hide a static name of the dynamic zone (from the zone files, and the
     /// name server's own name): registering under them is refused. Updated on zone reloads.
     pub reserved_roles: Arc<arc_swap::ArcSwap<std::collections::BTreeSet<String>>>,
+    /// Every role `/metrics` has shown (at most KNOWN_ROLES_MAX): listed at 0 once empty.
+    pub known_roles: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
+
+/// Roles remembered for `rollcall_nodes{role} 0`; beyond, new roles are shown only while live.
+const KNOWN_ROLES_MAX: usize = 1024;
 
 /// Blocking queries in progress at most; more get 503.
 pub const MAX_WAITERS: usize = 10_000;
@@ -111,6 +116,7 @@ impl AppState {
             max_waiters_per_client: MAX_WAITERS_PER_CLIENT,
             live_sessions: Arc::default(),
             reserved_roles: Arc::default(),
+            known_roles: Arc::default(),
         }
     }
 
@@ -434,11 +440,16 @@ async fn record(
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
+    let blocking = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("index=")));
     let resp = next.run(req).await;
     state.api_metrics.record(
         method_label(&method),
         &route,
         resp.status().as_u16(),
+        blocking,
         started.elapsed(),
     );
     resp
@@ -896,13 +907,42 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError>
         (status = 503, description = "Shutting down", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let (index, roles) = state.registry.roles().await?;
-    let roles: Vec<(String, usize)> = roles.into_iter().map(|(r, n)| (r.to_string(), n)).collect();
+    let mut roles: Vec<(String, usize)> =
+        roles.into_iter().map(|(r, n)| (r.to_string(), n)).collect();
+    {
+        // Roles seen before and empty now stay, at 0, so that "fewer than N" alerts fire at 0.
+        let mut known = state.known_roles.lock().unwrap_or_else(|p| p.into_inner());
+        for (r, _) in &roles {
+            if known.len() < KNOWN_ROLES_MAX || known.contains(r) {
+                known.insert(r.clone());
+            }
+        }
+        let present: std::collections::BTreeSet<String> =
+            roles.iter().map(|(r, _)| r.clone()).collect();
+        roles.extend(known.difference(&present).map(|r| (r.clone(), 0)));
+        roles.sort();
+    }
+    let sessions = state
+        .live_sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len();
+    let blocking_queries = state
+        .waiters_by_peer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .sum();
     let mut text = crate::metrics::render(
         &state.dns_stats,
         state.registry.counters(),
         &state.api_metrics,
-        index,
-        &roles,
+        &crate::metrics::Live {
+            index,
+            roles: &roles,
+            sessions,
+            blocking_queries,
+        },
     );
     if let Some(link) = state.registry.etcd_link() {
         link.render(&mut text);

@@ -176,7 +176,14 @@ impl Writer {
     fn commit(&mut self, now: Instant) -> Result<(), RegistryError> {
         let durable = std::mem::take(&mut self.durable);
         if self.journal.healthy() {
-            match self.journal.commit(durable) {
+            let started = Instant::now();
+            let result = self.journal.commit(durable);
+            if durable {
+                self.counters.commit_durable.observe(started.elapsed());
+            } else {
+                self.counters.commit_buffered.observe(started.elapsed());
+            }
+            match result {
                 Ok(()) => {
                     if self.journal.wants_compaction(self.table.total()) {
                         // A failed compaction leaves the journal broken; this batch is on
