@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Parser, Debug)]
 #[command(
     name = "rollcall",
-    version,
+    version = env!("ROLLCALL_VERSION"),
     about = "Service discovery for elastic container stacks: authoritative DNS + HTTP registration API",
     long_about = "rollcall keeps a live set of nodes per role (registered over HTTP with a TTL) and \
                   answers DNS for them: `dig appserver.cluster` returns every live appserver.\n\n\
@@ -130,16 +130,17 @@ pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError>
     // A token inherited from the environment never conflicts with one the user gives on the
     // command line (or in the config file): the given one wins.
     if let Some((_, sub)) = matches.subcommand() {
-        let from_env =
-            |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::EnvVariable);
-        let (env_token, env_file) = (from_env("token"), from_env("token_file"));
         let (token, file) = match &mut cli.command {
             Command::Serve(a) => (&mut a.token, &mut a.token_file),
             Command::Register(a) => (&mut a.token, &mut a.token_file),
             Command::HipacheSync(a) => (&mut a.token, &mut a.token_file),
             Command::Status(a) => (&mut a.token, &mut a.token_file),
-            Command::Check(_) => return Ok(cli),
+            // No token flags: asking clap about them would be an error.
+            Command::Check(_) | Command::Completions(_) | Command::Man(_) => return Ok(cli),
         };
+        let from_env =
+            |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::EnvVariable);
+        let (env_token, env_file) = (from_env("token"), from_env("token_file"));
         if token.is_some() && file.is_some() {
             if env_token && !env_file {
                 *token = None;
@@ -272,6 +273,51 @@ pub enum Command {
     /// 2xx), 1 if not. For container healthchecks in images without curl, e.g.
     /// `rollcall check http://127.0.0.1:8053/healthz`.
     Check(CheckArgs),
+    /// Print a shell completion script: `rollcall completions bash > /etc/bash_completion.d/rollcall`
+    /// (also zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the man page, or with --dir write one page per command (rollcall.1,
+    /// rollcall-serve.1, ...): `rollcall man --dir /usr/local/share/man/man1`.
+    Man(ManArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ManArgs {
+    /// Write every page (rollcall.1 and one per subcommand) into this directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// `rollcall completions SHELL` and `rollcall man`: generated from these very definitions.
+pub fn generate_docs(command: &Command) -> Result<u8, (u8, String)> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    match command {
+        Command::Completions(a) => {
+            clap_complete::generate(a.shell, &mut cmd, "rollcall", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man(a) => match &a.dir {
+            Some(dir) => clap_mangen::generate_to(cmd, dir).map(|()| 0).map_err(|e| {
+                (
+                    1,
+                    format!("cannot write the man pages to {}: {e}", dir.display()),
+                )
+            }),
+            None => clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .map(|()| 0)
+                .map_err(|e| (1, format!("cannot print the man page: {e}"))),
+        },
+        _ => Ok(0),
+    }
 }
 
 #[derive(Args, Debug, Clone)]

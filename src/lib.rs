@@ -27,3 +27,4 @@ pub mod registry;
 pub mod server;
 pub mod shutdown;
 pub mod status;
+pub mod systemd;

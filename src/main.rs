@@ -42,6 +42,7 @@ async fn run(command: Command) -> ExitCode {
         Command::HipacheSync(args) => rollcall::hipache::run(args).await,
         Command::Status(args) => rollcall::status::run(args).await,
         Command::Check(args) => rollcall::agent::check_once(&args.target).await,
+        c @ (Command::Completions(_) | Command::Man(_)) => rollcall::cli::generate_docs(&c),
     };
     match result {
         Ok(code) => ExitCode::from(code),

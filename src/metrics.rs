@@ -282,8 +282,9 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
     );
     let _ = writeln!(
         out,
-        "rollcall_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
+        "rollcall_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        env!("ROLLCALL_GIT_REV")
     );
 
     let udp = dns.udp.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -416,15 +416,26 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     let running = start(config).await?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("installing a SIGHUP handler");
+    crate::systemd::notify("READY=1\nSTATUS=serving");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = hup.recv() => match running.reload_zones() {
-                Ok(n) => tracing::info!(zones = n, "reloaded zone files"),
-                Err(e) => tracing::error!("zone reload failed, still serving the previous zones: {e}"),
-            },
+            _ = hup.recv() => {
+                crate::systemd::notify("RELOADING=1");
+                match running.reload_zones() {
+                    Ok(n) => {
+                        tracing::info!(zones = n, "reloaded zone files");
+                        crate::systemd::notify("READY=1\nSTATUS=serving");
+                    }
+                    Err(e) => {
+                        tracing::error!("zone reload failed, still serving the previous zones: {e}");
+                        crate::systemd::notify("READY=1\nSTATUS=serving the previous zones: the last reload failed");
+                    }
+                }
+            }
         }
     }
+    crate::systemd::notify("STOPPING=1");
     running.stop().await;
     tracing::info!("stopped");
     Ok(())

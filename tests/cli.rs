@@ -985,3 +985,184 @@ fn metrics_for_operators() {
         );
     }
 }
+
+/// systemd's readiness protocol: with NOTIFY_SOCKET set, READY=1 once serving, RELOADING=1 and
+/// READY=1 around a SIGHUP, STOPPING=1 on SIGTERM (a real unix datagram socket, as systemd's).
+#[test]
+fn serve_notifies_systemd() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let zones = dir.path().join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("no notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut server = ServeProc::start_env(
+        &dir.path().join("data"),
+        &zones,
+        &[],
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let ready = recv();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // Ready means answering.
+    assert!(dig(server.dns, &["ns.cluster", "+short"]).contains("127.0.0.1"));
+    server.signal("HUP");
+    assert_eq!(recv(), "RELOADING=1");
+    assert!(recv().lines().any(|l| l == "READY=1"));
+    server.signal("TERM");
+    assert_eq!(recv(), "STOPPING=1");
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// The shipped systemd unit passes `systemd-analyze verify` (with this build's binary).
+#[test]
+fn the_systemd_unit_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/systemd/rollcall.service"),
+    )
+    .unwrap()
+    .replace("/usr/local/bin/rollcall", rollcall_bin().to_str().unwrap());
+    let path = dir.path().join("rollcall.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new(require("systemd-analyze"))
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("rollcall.service"),
+        "{err}"
+    );
+}
+
+/// `rollcall check`: exit 0 when the probe passes, 1 with a sentence when it fails, 2 for a
+/// target that is not one.
+#[test]
+fn check_probes_once_for_healthchecks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServeProc::start(&dir.path().join("data"), &dir.path().join("zones"), &[]);
+    let check = |target: &str| {
+        Command::new(rollcall_bin())
+            .args(["check", target])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        check(&format!("{}/healthz", server.api())).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        check(&format!("tcp://{}", server.http)).status.code(),
+        Some(0)
+    );
+    let out = check(&format!("{}/v1/roles/none/nodes/x", server.api()));
+    assert_eq!(out.status.code(), Some(1), "a 404 fails");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = check(&format!("tcp://{closed}"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fails"));
+    let out = check("ftp://x");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tcp://HOST:PORT"));
+}
+
+/// Shell completions and man pages come from the same definitions as --help: bash loads the
+/// script and completes subcommands; every page names its command.
+#[test]
+fn completions_and_man_pages() {
+    let out = Command::new(rollcall_bin())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("rollcall.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    // Complete `rollcall se<TAB>` and `rollcall serve --dns-l<TAB>` in a real bash.
+    let probe = format!(
+        "source {}; COMP_WORDS=(rollcall se); COMP_CWORD=1; _rollcall rollcall se rollcall; echo \"${{COMPREPLY[@]}}\"; \
+         COMP_WORDS=(rollcall serve --dns-l); COMP_CWORD=2; _rollcall rollcall --dns-l serve; echo \"${{COMPREPLY[@]}}\"",
+        script.display()
+    );
+    let out = Command::new("bash").args(["-c", &probe]).output().unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "{got} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lines[0].split(' ').any(|w| w == "serve"), "{got}");
+    assert!(lines[1].split(' ').any(|w| w == "--dns-listen"), "{got}");
+
+    let pages = dir.path().join("man");
+    std::fs::create_dir(&pages).unwrap();
+    let out = Command::new(rollcall_bin())
+        .args(["man", "--dir"])
+        .arg(&pages)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for cmd in [
+        "rollcall",
+        "rollcall-serve",
+        "rollcall-register",
+        "rollcall-hipache-sync",
+        "rollcall-status",
+        "rollcall-check",
+    ] {
+        let page = std::fs::read_to_string(pages.join(format!("{cmd}.1"))).unwrap();
+        assert!(
+            page.contains(&format!(".TH {cmd} 1")),
+            "{cmd}: {}",
+            &page[..200.min(page.len())]
+        );
+    }
+    let serve = std::fs::read_to_string(pages.join("rollcall-serve.1")).unwrap();
+    assert!(serve.contains("dns\\-listen") && serve.contains("[default: 127.0.0.1:1053]"));
+    // --version names the git revision it was built from.
+    let out = Command::new(rollcall_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=7", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    if head.status.success() {
+        let rev = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        assert_eq!(
+            version,
+            format!("rollcall {} ({rev})", env!("CARGO_PKG_VERSION"))
+        );
+    } else {
+        assert_eq!(version, format!("rollcall {}", env!("CARGO_PKG_VERSION")));
+    }
+    let main = std::fs::read_to_string(pages.join("rollcall.1")).unwrap();
+    assert!(
+        main.contains("ROLLCALL_DNS_LISTEN"),
+        "the environment twins are explained"
+    );
+}

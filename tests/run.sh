@@ -19,6 +19,8 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 # Forwarding's tests use dnsmasq as a real upstream (the binary only, no system service).
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+# The shipped systemd unit is checked with systemd-analyze.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # The container stack's system test (tests/docker.rs): Debian's docker daemon and compose 1.29,
 # and debootstrap to seed the debian:12-slim base image when it cannot be pulled.
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need+=(docker.io)
