@@ -29,13 +29,33 @@ fn openapi_document_lists_every_route() {
         ("/v1/roles/{role}", "get"),
         ("/v1/roles", "get"),
         ("/healthz", "get"),
+        ("/readyz", "get"),
         ("/metrics", "get"),
+        ("/v1/roles/{role}/nodes/{node}/session", "get"),
     ] {
+        let op = paths.get(path).and_then(|p| p.get(method));
+        assert!(op.is_some(), "{method} {path} is not documented");
         assert!(
-            paths.get(path).and_then(|p| p.get(method)).is_some(),
-            "{method} {path} is not documented"
+            op.unwrap()["summary"].as_str().is_some_and(|s| !s.is_empty()),
+            "{method} {path} has no summary"
         );
     }
+    // The token is a declared bearer scheme, optional (it depends on --token / --token-reads)
+    // everywhere but the health checks.
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    let put = &paths["/v1/roles/{role}/nodes/{node}"]["put"];
+    assert_eq!(put["security"], serde_json::json!([{}, {"bearer": []}]));
+    assert!(paths["/healthz"]["get"].get("security").is_none());
+    // Indexes are integers.
+    let index = paths["/v1/roles/{role}"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "index")
+        .unwrap();
+    assert_eq!(index["schema"]["type"], "integer");
+    let sess = &paths["/v1/roles/{role}/nodes/{node}/session"]["get"]["responses"];
+    assert!(sess.get("101").is_some(), "the WebSocket upgrade is documented");
 }
 
 #[test]

@@ -227,13 +227,37 @@ const PAGE_NODES: usize = 2_000;
         node_get,
         roles_list,
         role_get,
+        session::session,
         healthz,
         readyz,
         metrics
     ),
-    components(schemas(RegisterBody, NodeOut, RolesOut, RoleOut, ErrorBody, Health))
+    components(schemas(RegisterBody, NodeOut, RolesOut, RoleOut, ErrorBody, Health)),
+    modifiers(&BearerScheme)
 )]
 pub struct ApiDoc;
+
+/// The `bearer` security scheme: `Authorization: Bearer <--token>`, required for writes when
+/// the server has a token, and for reads too with --token-reads.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        doc.components.get_or_insert_with(Default::default).add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The server's --token. Required for PUT and DELETE when the server has one, \
+                         and for every read with --token-reads. /healthz and /readyz never need it.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The status page: roles, nodes and leases ticking down, refreshed by blocking queries.
 async fn page(State(state): State<AppState>) -> Result<axum::response::Html<String>, ApiError> {
@@ -675,7 +699,7 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<RegisterBody, ApiEr
     })
 }
 
-#[utoipa::path(put, path = "/v1/roles/{role}/nodes/{node}", tag = "nodes",
+#[utoipa::path(put, path = "/v1/roles/{role}/nodes/{node}", summary = "Register or renew a node", security((), ("bearer" = [])), tag = "nodes",
     params(("role" = String, Path, description = "Role: a DNS label (a-z 0-9 -, 1-63, upper case folded)", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("node" = String, Path, description = "Node: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")),
     request_body(content = Option<RegisterBody>, content_type = "application/json"),
     responses(
@@ -712,7 +736,7 @@ async fn node_put(
     Ok(Json(NodeOut::from(&info)))
 }
 
-#[utoipa::path(delete, path = "/v1/roles/{role}/nodes/{node}", tag = "nodes",
+#[utoipa::path(delete, path = "/v1/roles/{role}/nodes/{node}", summary = "Deregister a node", security((), ("bearer" = [])), tag = "nodes",
     params(("role" = String, Path, description = "Role: a DNS label (a-z 0-9 -, 1-63, upper case folded)", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("node" = String, Path, description = "Node: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")),
     responses(
         (status = 204, description = "Deregistered"),
@@ -737,7 +761,7 @@ async fn node_delete(
     }
 }
 
-#[utoipa::path(get, path = "/v1/roles/{role}/nodes/{node}", tag = "nodes",
+#[utoipa::path(get, path = "/v1/roles/{role}/nodes/{node}", summary = "One node, with its lease", security((), ("bearer" = [])), tag = "nodes",
     params(("role" = String, Path, description = "Role: a DNS label (a-z 0-9 -, 1-63, upper case folded)", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("node" = String, Path, description = "Node: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")),
     responses(
         (status = 200, description = "The node", body = NodeOut),
@@ -760,8 +784,8 @@ async fn node_get(
         })
 }
 
-#[utoipa::path(get, path = "/v1/roles", tag = "roles",
-    params(("index" = Option<String>, Query, description = "Blocking query: wait until the index exceeds this", pattern = r"^[0-9]{1,19}$"), ("wait" = Option<String>, Query, description = "Longest wait: 500ms, 30s, 2m, 1h, 1d or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m|h|d)?$")),
+#[utoipa::path(get, path = "/v1/roles", summary = "Every non-empty role and its node count", security((), ("bearer" = [])), tag = "roles",
+    params(("index" = Option<u64>, Query, description = "Blocking query: wait until the index exceeds this", minimum = 0), ("wait" = Option<String>, Query, description = "Longest wait: 500ms, 30s, 2m, 1h, 1d or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m|h|d)?$")),
     responses(
         (status = 200, description = "Roles and node counts", body = RolesOut,
             headers(("X-Rollcall-Index" = u64, description = "Generation index"))),
@@ -808,15 +832,23 @@ impl BlockingParams {
         let Some(index) = &self.index else {
             return Ok(None);
         };
-        let index: u64 = index.parse().map_err(|_| {
-            ApiError::bad_request(format!("index {index:?} is not a non-negative integer"))
-        })?;
+        // Indexes are JSON integers (int64): an index past i64::MAX was never handed out.
+        let index: u64 = index
+            .parse()
+            .ok()
+            .filter(|i| *i <= i64::MAX as u64)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "index {index:?} is not an index: use the X-Rollcall-Index of an earlier answer (0 to {})",
+                    i64::MAX
+                ))
+            })?;
         Ok(Some((index, wait)))
     }
 }
 
-#[utoipa::path(get, path = "/v1/roles/{role}", tag = "roles",
-    params(("role" = String, Path, description = "Role: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("index" = Option<String>, Query, description = "Blocking query: wait until the index exceeds this", pattern = r"^[0-9]{1,19}$"), ("wait" = Option<String>, Query, description = "Longest wait: 500ms, 30s, 2m, 1h, 1d or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m|h|d)?$")),
+#[utoipa::path(get, path = "/v1/roles/{role}", summary = "A role's live nodes; blocking with ?index=", security((), ("bearer" = [])), tag = "roles",
+    params(("role" = String, Path, description = "Role: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("index" = Option<u64>, Query, description = "Blocking query: wait until the index exceeds this", minimum = 0), ("wait" = Option<String>, Query, description = "Longest wait: 500ms, 30s, 2m, 1h, 1d or seconds (default 5m, at most --max-wait)", pattern = r"^[0-9]{1,6}(\.[0-9]{1,6})?(ms|s|m|h|d)?$")),
     responses(
         (status = 200, description = "The role's live nodes (empty for an unknown role)", body = RoleOut,
             headers(("X-Rollcall-Index" = u64, description = "Index of the role's last change"))),
@@ -871,7 +903,7 @@ fn with_index(index: u64, body: impl IntoResponse) -> Response {
     (headers, body).into_response()
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "operations",
+#[utoipa::path(get, path = "/healthz", summary = "Whether the process serves", tag = "operations",
     responses((status = 200, description = "Serving", body = Health), (status = 503, description = "Shutting down", body = ErrorBody)))]
 async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     let (index, roles) = state.registry.roles().await?;
@@ -886,7 +918,7 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError
 /// 503 while etcd is unreachable or has no leader (DNS still answers the last known set);
 /// the embedded server is ready while it runs. For load balancers in front of the API;
 /// `/healthz` says whether the process serves at all.
-#[utoipa::path(get, path = "/readyz", tag = "operations",
+#[utoipa::path(get, path = "/readyz", summary = "Whether it is ready (etcd mode: listed etcd)", tag = "operations",
     responses((status = 200, description = "Ready", body = Health), (status = 503, description = "Not ready, with the reason", body = ErrorBody)))]
 async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     state
@@ -901,7 +933,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError>
     }))
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "operations",
+#[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics", security((), ("bearer" = [])), tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
         (status = 401, description = "Token required (--token-reads)", body = ErrorBody),
         (status = 503, description = "Shutting down", body = ErrorBody)))]

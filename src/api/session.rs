@@ -21,12 +21,29 @@ use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
+use super::ErrorBody;
 use super::{check_peer, parse_key, peer_ip, AppState};
 use crate::registry::NodeKey;
 
 /// Largest WebSocket message or frame accepted (agents send empty pings).
 const MAX_MESSAGE: usize = 4096;
 
+/// The node's session: a WebSocket whose pings renew the lease; when it closes, the node is
+/// deregistered at once (unless another session replaced it).
+#[utoipa::path(get, path = "/v1/roles/{role}/nodes/{node}/session", tag = "nodes",
+    summary = "Hold a node's lease over a WebSocket",
+    security((), ("bearer" = [])),
+    params(("role" = String, Path, description = "Role: a DNS label", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"), ("node" = String, Path, description = "Node: a DNS label (PUT it first)", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol: ping at least every ttl/3; closing deregisters the node"),
+        (status = 400, description = "Bad label, or not a WebSocket upgrade", body = ErrorBody),
+        (status = 401, description = "Token required (--token)", body = ErrorBody),
+        (status = 403, description = "Outside --allow-register, or a browser Origin", body = ErrorBody),
+        (status = 404, description = "The node is not registered: PUT it first", body = ErrorBody),
+        (status = 405, description = "Not a GET", body = ErrorBody),
+        (status = 426, description = "The connection cannot be upgraded", body = ErrorBody),
+        (status = 503, description = "Too many sessions, or shutting down", body = ErrorBody),
+    ))]
 pub async fn session(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
