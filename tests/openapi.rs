@@ -36,13 +36,18 @@ fn openapi_document_lists_every_route() {
         let op = paths.get(path).and_then(|p| p.get(method));
         assert!(op.is_some(), "{method} {path} is not documented");
         assert!(
-            op.unwrap()["summary"].as_str().is_some_and(|s| !s.is_empty()),
+            op.unwrap()["summary"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
             "{method} {path} has no summary"
         );
     }
     // The token is a declared bearer scheme, optional (it depends on --token / --token-reads)
     // everywhere but the health checks.
-    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
     let put = &paths["/v1/roles/{role}/nodes/{node}"]["put"];
     assert_eq!(put["security"], serde_json::json!([{}, {"bearer": []}]));
     assert!(paths["/healthz"]["get"].get("security").is_none());
@@ -55,7 +60,10 @@ fn openapi_document_lists_every_route() {
         .unwrap();
     assert_eq!(index["schema"]["type"], "integer");
     let sess = &paths["/v1/roles/{role}/nodes/{node}/session"]["get"]["responses"];
-    assert!(sess.get("101").is_some(), "the WebSocket upgrade is documented");
+    assert!(
+        sess.get("101").is_some(),
+        "the WebSocket upgrade is documented"
+    );
 }
 
 #[test]

@@ -97,7 +97,15 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
             Ok(parsed) => parsed,
             Err(e) => return Err(err(error_line(&text, path, origin), e.to_string())),
         };
-    let origin = origin.to_lowercase();
+    // The apex is where the SOA is (the parser's origin is the *last* $ORIGIN of the file, so
+    // a file that moves $ORIGIN further down would otherwise change zones).
+    let origin = records
+        .keys()
+        .filter(|k| k.record_type == RecordType::SOA)
+        .map(|k| Name::from(k.name.clone()))
+        .min_by_key(|n| n.num_labels())
+        .unwrap_or(origin)
+        .to_lowercase();
 
     let mut soa = None;
     let mut names: HashMap<Box<[u8]>, Entry> = HashMap::new();
@@ -105,14 +113,18 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
     let mut record_count = 0;
     for (key, set) in &records {
         let name = Name::from(key.name.clone());
+        let line_of = |rtype: RecordType| owner_line(&text, &origin, &name, rtype);
         if !origin.zone_of(&name) {
-            return Err(err(None, format!("{name} is outside the zone {origin}")));
+            return Err(err(
+                line_of(key.record_type),
+                format!("{name} is outside the zone {origin}"),
+            ));
         }
         record_count += set.records_count();
         if key.record_type == RecordType::SOA {
             if name != origin {
                 return Err(err(
-                    None,
+                    line_of(RecordType::SOA),
                     format!("SOA at {name}: it belongs at the apex {origin}"),
                 ));
             }
@@ -140,14 +152,14 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
                 .any(|k| k.name == key.name && k.record_type != RecordType::CNAME)
         {
             return Err(err(
-                None,
+                line_of(RecordType::CNAME),
                 format!("{name} has a CNAME and other data (RFC 1034 3.6.2)"),
             ));
         }
         let answers: Vec<Record> = set.records_without_rrsigs().cloned().collect();
         let additionals = glue(&records, &answers);
         let template = encode_records(&name, key.record_type, &answers, &additionals)
-            .map_err(|m| err(None, m))?;
+            .map_err(|m| err(line_of(key.record_type), m))?;
         if name == origin {
             if key.record_type != RecordType::SOA {
                 apex.push(RrSet {
@@ -183,6 +195,48 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
         names: Arc::new(names),
         record_count,
     })
+}
+
+/// The line (1-based) of the first record of `name` with type `rtype`, for errors found after
+/// parsing. Follows `$ORIGIN`, `@`, relative names and owner-less continuation lines; a record
+/// split over parentheses is found by its first line.
+fn owner_line(text: &str, origin: &Name, name: &Name, rtype: RecordType) -> Option<usize> {
+    let mut current = origin.clone();
+    let mut owner: Option<Name> = None;
+    let want = rtype.to_string();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.split(';').next().unwrap_or("");
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut tokens = line.split_whitespace();
+        if !line.starts_with([' ', '\t']) {
+            let first = tokens.next()?;
+            if first.eq_ignore_ascii_case("$ORIGIN") {
+                if let Some(o) = tokens.next().and_then(|o| Name::from_ascii(o).ok()) {
+                    current = o.to_lowercase();
+                }
+                continue;
+            }
+            if first.starts_with('$') {
+                continue;
+            }
+            owner = if first == "@" {
+                Some(current.clone())
+            } else if first.ends_with('.') {
+                Name::from_ascii(first).ok()
+            } else {
+                Name::from_ascii(format!("{first}.{current}")).ok()
+            };
+        }
+        let is_owner = owner
+            .as_ref()
+            .is_some_and(|o| o.to_lowercase() == name.to_lowercase());
+        if is_owner && tokens.take(4).any(|t| t.eq_ignore_ascii_case(&want)) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Addresses of the in-zone targets of NS, MX and SRV records.
@@ -273,6 +327,46 @@ mod tests {
         let e = load_file(&path).err().expect("bad address must fail");
         assert_eq!(e.line, Some(5), "{e}");
         assert!(e.to_string().contains("cluster.zone:5"), "{e}");
+    }
+
+    #[test]
+    fn errors_found_after_parsing_name_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.zone");
+        let head = "$ORIGIN cluster.\n$TTL 60\n@ IN SOA ns.cluster. h.cluster. (\n  1 60 10 3600 1 )\n@ IN NS ns.cluster.\nns IN A 127.0.0.1\n";
+        for (tail, line, what) in [
+            (
+                "bar IN A 10.0.0.2\n     IN CNAME x.cluster.\n",
+                8,
+                "CNAME and other data",
+            ),
+            (
+                "; a comment\n$ORIGIN example.org.\nfoo IN A 10.0.0.1\n",
+                9,
+                "outside the zone",
+            ),
+            (
+                "sub IN SOA ns.cluster. h.cluster. 1 60 10 3600 1\n",
+                7,
+                "belongs at the apex",
+            ),
+        ] {
+            std::fs::write(&path, format!("{head}{tail}")).unwrap();
+            let e = load_file(&path).err().expect("must fail");
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        // A later $ORIGIN inside the zone is fine: the apex stays where the SOA is.
+        std::fs::write(
+            &path,
+            format!("{head}$ORIGIN sub.cluster.\nwww IN A 10.0.0.3\n"),
+        )
+        .unwrap();
+        let z = load_file(&path).expect("a later $ORIGIN inside the zone loads");
+        assert_eq!(z.origin.to_string(), "cluster.");
+        assert!(z
+            .names
+            .contains_key(&wire_name(&Name::from_ascii("www.sub.cluster.").unwrap())));
     }
 
     #[test]
