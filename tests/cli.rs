@@ -877,6 +877,14 @@ fn metrics_for_operators() {
         200
     );
     assert_eq!(metric(&api, "rollcall_nodes{role=\"web\"}"), 1.0);
+    // A PUT that moves the node is a change, not a renewal (issue 15 #4).
+    let renewals = metric(&api, "rollcall_renewals_total");
+    assert_eq!(put(&api, "web", "w1", r#"{"addr":"10.0.0.8"}"#).status(), 200);
+    assert_eq!(metric(&api, "rollcall_changes_total"), 1.0);
+    assert_eq!(metric(&api, "rollcall_renewals_total"), renewals);
+    assert!(server
+        .wait_log("changed", Duration::from_secs(5))
+        .contains("addr=10.0.0.8"));
     let d = http()
         .delete(format!("{api}/v1/roles/web/nodes/w1"))
         .send()
