@@ -879,7 +879,10 @@ fn metrics_for_operators() {
     assert_eq!(metric(&api, "rollcall_nodes{role=\"web\"}"), 1.0);
     // A PUT that moves the node is a change, not a renewal (issue 15 #4).
     let renewals = metric(&api, "rollcall_renewals_total");
-    assert_eq!(put(&api, "web", "w1", r#"{"addr":"10.0.0.8"}"#).status(), 200);
+    assert_eq!(
+        put(&api, "web", "w1", r#"{"addr":"10.0.0.8"}"#).status(),
+        200
+    );
     assert_eq!(metric(&api, "rollcall_changes_total"), 1.0);
     assert_eq!(metric(&api, "rollcall_renewals_total"), renewals);
     assert!(server

@@ -313,6 +313,32 @@ async fn ptr_for_registered_addresses() {
         ResponseCode::Refused,
         "not an open resolver"
     );
+
+    // Every node at an address, whatever the role, among many others (the per-role address
+    // index is searched, not scanned: each hit must still be found).
+    for i in 0..300 {
+        s.put(
+            "app",
+            &format!("n{i}"),
+            &format!(r#"{{"addr":"10.1.{}.{}"}}"#, i / 200, i % 200 + 1),
+        )
+        .await;
+    }
+    s.put("app", "a2", r#"{"addr":"10.0.0.7"}"#).await;
+    s.put("db", "d2", r#"{"addr":"10.0.0.7"}"#).await;
+    let m = udp_query(s.dns(), "7.0.0.10.in-addr.arpa.", RecordType::PTR, None);
+    let mut names: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["a1.app.cluster.", "a2.app.cluster.", "d2.db.cluster."]
+    );
+    for i in [0, 199, 200, 299] {
+        let q = format!("{}.{}.1.10.in-addr.arpa.", i % 200 + 1, i / 200);
+        let m = udp_query(s.dns(), &q, RecordType::PTR, None);
+        let got: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+        assert_eq!(got, [format!("n{i}.app.cluster.")], "{q}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,8 @@ pub struct Zone {
 pub struct RoleData {
     /// Absolute lower-case wire names -> answers.
     pub names: HashMap<Box<[u8]>, Entry>,
-    /// Reverse data: (address, node's absolute wire name, ttl).
+    /// Reverse data: (address, node's absolute wire name, ttl), sorted by address, so that a
+    /// PTR lookup is a binary search per role, not a scan of every node.
     pub addrs: Vec<(IpAddr, Box<[u8]>, u32)>,
 }
 
@@ -335,6 +336,7 @@ pub fn build_role(
         data.addrs
             .push((n.spec.addr, n.name.clone().into_boxed_slice(), n.ttl));
     }
+    data.addrs.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
 
     // SRV: all services at role.zone, and per service at _svc._tcp.role.zone.
     let with_port: Vec<&DnsNode<'_>> = dns_nodes.iter().filter(|n| n.spec.port.is_some()).collect();

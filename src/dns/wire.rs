@@ -550,10 +550,8 @@ fn answer_ptr(
     write_header(q, out, RCODE_NOERROR, true, [1, 0, 0, 0]);
     out.extend_from_slice(&q[12..question.end]);
     for role in snap.roles.values() {
-        for (a, name, ttl) in &role.addrs {
-            if *a != addr {
-                continue;
-            }
+        let from = role.addrs.partition_point(|(a, ..)| *a < addr);
+        for (_, name, ttl) in role.addrs[from..].iter().take_while(|(a, ..)| *a == addr) {
             out.extend_from_slice(&[0xC0, 12, 0, TYPE_PTR as u8, 0, 1]);
             out.extend_from_slice(&ttl.to_be_bytes());
             out.extend_from_slice(&(name.len() as u16).to_be_bytes());
