@@ -455,10 +455,13 @@ impl Drop for StandIn {
     }
 }
 
+/// Each change of an answer: when, and the addresses (None: no answer).
+type Changes = Vec<(Instant, Option<BTreeSet<String>>)>;
+
 /// Polls `A appserver.cluster` every 10 ms; records each change of the answer.
 struct DnsWatch {
     stop: Arc<AtomicBool>,
-    changes: Arc<Mutex<Vec<(Instant, Option<BTreeSet<String>>)>>>,
+    changes: Arc<Mutex<Changes>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -485,7 +488,7 @@ impl DnsWatch {
         }
     }
 
-    fn finish(mut self) -> Vec<(Instant, Option<BTreeSet<String>>)> {
+    fn finish(mut self) -> Changes {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -495,7 +498,7 @@ impl DnsWatch {
 
     /// When `ip` was first missing from an answer after `t0`.
     fn gone_at(
-        changes: &[(Instant, Option<BTreeSet<String>>)],
+        changes: &Changes,
         ip: &str,
         t0: Instant,
     ) -> Option<Duration> {
