@@ -497,11 +497,7 @@ impl DnsWatch {
     }
 
     /// When `ip` was first missing from an answer after `t0`.
-    fn gone_at(
-        changes: &Changes,
-        ip: &str,
-        t0: Instant,
-    ) -> Option<Duration> {
+    fn gone_at(changes: &Changes, ip: &str, t0: Instant) -> Option<Duration> {
         changes
             .iter()
             .filter(|(at, _)| *at >= t0)

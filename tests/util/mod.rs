@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod process;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -336,4 +337,41 @@ pub fn metric(api: &str, series: &str) -> f64 {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+}
+
+/// The A records of `name`, sorted; None when the server does not answer.
+pub fn dns_a(dns: SocketAddr, name: &str) -> Option<Vec<String>> {
+    let resp = udp_raw(dns, &query_msg(name, RecordType::A, None))?;
+    Message::from_vec(&resp).ok().map(|m| addrs(&m))
+}
+
+/// Prints a child's stderr lines with a prefix.
+pub fn echo_lines(stream: impl std::io::Read + Send + 'static, prefix: String) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("[{prefix}] {line}");
+        }
+    });
+}
+
+/// `(node, session)` for every node of `role`, from the API.
+pub fn api_nodes(api: &str, role: &str) -> Option<std::collections::BTreeMap<String, bool>> {
+    let v: serde_json::Value = http()
+        .get(format!("{api}/v1/roles/{role}"))
+        .send()
+        .ok()?
+        .json()
+        .ok()?;
+    Some(
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap_or("").to_owned(),
+                    n["session"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect(),
+    )
 }
