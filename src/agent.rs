@@ -313,29 +313,6 @@ fn fmt_dur(d: Duration) -> String {
     }
 }
 
-/// Exponential backoff with jitter: each wait is drawn from [step/2, step], step doubling.
-struct Backoff {
-    step: Duration,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff {
-            step: BACKOFF_START,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.step = BACKOFF_START;
-    }
-
-    fn next(&mut self, cap: Duration) -> Duration {
-        let step = self.step.min(cap);
-        self.step = (self.step * 2).min(cap);
-        let ms = step.as_millis().max(2) as u64;
-        Duration::from_millis(rand::random_range(ms / 2..=ms))
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The health check task.
@@ -752,7 +729,7 @@ impl Keeper {
         stop: CancellationToken,
         mut check: Option<watch::Receiver<CheckState>>,
     ) -> bool {
-        let mut backoff = Backoff::new();
+        let mut backoff = crate::client::Backoff::new(BACKOFF_START);
         let cap = self.plan.backoff_cap();
         // In PUT-renewal mode: no session attempt before this.
         let mut session_after: Option<Instant> = None;
@@ -1458,18 +1435,6 @@ mod tests {
             ),
             Err(e) => assert!(e.contains("--node"), "{e}"),
         }
-    }
-
-    #[test]
-    fn backoff_grows_with_jitter_up_to_the_cap() {
-        let mut b = Backoff::new();
-        let cap = Duration::from_secs(1);
-        let waits: Vec<_> = (0..8).map(|_| b.next(cap)).collect();
-        assert!(waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(100));
-        assert!(waits.iter().all(|w| *w <= cap));
-        assert!(waits[7] >= cap / 2);
-        b.reset();
-        assert!(b.next(cap) <= Duration::from_millis(100));
     }
 
     #[test]

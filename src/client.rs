@@ -114,3 +114,53 @@ mod tests {
         assert_eq!(error_message("plain text"), "plain text");
     }
 }
+
+/// Exponential backoff with jitter, shared by the client subcommands: each wait is drawn from
+/// [step/2, step] (so that many clients do not retry in step), and the step doubles from
+/// `start` up to the cap given at each call.
+#[derive(Debug)]
+pub struct Backoff {
+    start: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    pub fn new(start: Duration) -> Backoff {
+        Backoff { start, step: start }
+    }
+
+    /// Back to the first step (after a success).
+    pub fn reset(&mut self) {
+        self.step = self.start;
+    }
+
+    /// The next wait, at most `cap`.
+    pub fn next(&mut self, cap: Duration) -> Duration {
+        let step = self.step.min(cap);
+        self.step = (self.step * 2).min(cap);
+        let us = step.as_micros().max(2) as u64;
+        Duration::from_micros(rand::random_range(us / 2..=us))
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn grows_with_jitter_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100));
+        let cap = Duration::from_secs(1);
+        let waits: Vec<_> = (0..8).map(|_| b.next(cap)).collect();
+        assert!(waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(100));
+        assert!(waits.windows(2).take(3).all(|w| w[1] >= w[0] / 2));
+        assert!(waits.iter().all(|w| *w <= cap));
+        assert!(waits[7] >= cap / 2);
+        b.reset();
+        assert!(b.next(cap) <= Duration::from_millis(100));
+        // A smaller cap later applies at once.
+        let mut b = Backoff::new(Duration::from_secs(1));
+        assert!(b.next(Duration::from_millis(10)) <= Duration::from_millis(10));
+    }
+}

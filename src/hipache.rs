@@ -389,28 +389,6 @@ impl Link {
     }
 }
 
-/// Jittered exponential backoff.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff { next: BACKOFF_MIN }
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-
-    /// The next delay: uniformly between half and all of the current step, which doubles.
-    fn next_delay(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        let lo = step.as_secs_f64() / 2.0;
-        Duration::from_secs_f64(rand::random_range(lo..=step.as_secs_f64()))
-    }
-}
 
 /// Sleeps for `d`; false when cancelled first.
 async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
@@ -434,7 +412,7 @@ struct Follower {
 impl Follower {
     async fn run(self, cancel: CancellationToken) {
         let mut link = Link::new("rollcall");
-        let mut backoff = Backoff::new();
+        let mut backoff = crate::client::Backoff::new(BACKOFF_MIN);
         let mut epoch = 0u64;
         // None: the next read is a plain one (start, or after an error).
         let mut index: Option<u64> = None;
@@ -482,7 +460,7 @@ impl Follower {
                             continue; // back off only after a whole pass failed
                         }
                     }
-                    if !pause(backoff.next_delay(), &cancel).await {
+                    if !pause(backoff.next(BACKOFF_MAX), &cancel).await {
                         return;
                     }
                 }
@@ -544,7 +522,7 @@ enum Reason {
 
 impl Writer {
     async fn run(mut self, mut rx: watch::Receiver<Option<Wanted>>, cancel: CancellationToken) {
-        let mut backoff = Backoff::new();
+        let mut backoff = crate::client::Backoff::new(BACKOFF_MIN);
         // Rewrite everything on the next successful write.
         let mut full = true;
         let mut written_epoch = 0u64;
@@ -569,7 +547,7 @@ impl Writer {
                     self.conn = None;
                     self.link.down(&self.cfg.redis_shown, &e);
                     full = true;
-                    if !pause(backoff.next_delay(), &cancel).await {
+                    if !pause(backoff.next(BACKOFF_MAX), &cancel).await {
                         return;
                     }
                     continue;
@@ -948,17 +926,4 @@ mod tests {
         assert_eq!(glob_escape("dead:*.x[1]"), "dead:\\*.x\\[1\\]");
     }
 
-    #[test]
-    fn backoff_grows_with_jitter_and_resets() {
-        let mut b = Backoff::new();
-        let first = b.next_delay();
-        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN);
-        for _ in 0..20 {
-            let d = b.next_delay();
-            assert!(d <= BACKOFF_MAX);
-        }
-        assert!(b.next_delay() >= BACKOFF_MAX / 2);
-        b.reset();
-        assert!(b.next_delay() <= BACKOFF_MIN);
-    }
 }
