@@ -389,7 +389,6 @@ impl Link {
     }
 }
 
-
 /// Sleeps for `d`; false when cancelled first.
 async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
@@ -925,5 +924,4 @@ mod tests {
         assert_eq!(more_specific("a.b.c", "*"), ["a.b.c", "*.b.c", "*.c"]);
         assert_eq!(glob_escape("dead:*.x[1]"), "dead:\\*.x\\[1\\]");
     }
-
 }
