@@ -14,7 +14,7 @@ use crate::registry::Limits;
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    /// Never empty; the first is the main one (its address is ns.<zone>'s default).
+    /// Never empty; the first is the main one (its address is `ns.<zone>`'s default).
     pub dns_listen: Vec<SocketAddr>,
     pub http_listen: SocketAddr,
     pub zone: Name,

@@ -2,18 +2,20 @@
 //!
 //! Three parts, in the order data flows:
 //!
-//! - [`Registry`] is the handle the API and the session endpoint hold. Writes go as [`Command`]s
+//! - [`Registry`] is the handle the API and the session endpoint hold. Writes go as `Command`s
 //!   over a channel to the registry's **owner**; reads never do: they load the published
 //!   [`View`], an immutable snapshot the owner swaps in after every visible change (as DNS
 //!   reads its snapshot), so a reader never copies a role inside the owner and never waits
 //!   for it.
-//! - The owner. Today there is one, the embedded [`writer`]: leases on the monotonic clock,
-//!   expiry, sessions, and the [`journal`](crate::journal) in the data dir. Another owner (etcd)
-//!   would take the same commands and feed the same table.
-//! - [`table::Table`]: roles → nodes, per-role index, the dirty set and publication (to the
+//! - The owner, one of two behind the same commands: the embedded `writer` (leases on the
+//!   monotonic clock, expiry, sessions, and the [`journal`](crate::journal) in the data dir),
+//!   or `etcd` (`--etcd`: etcd holds the truth, this server mirrors it). Both feed the same
+//!   table.
+//! - `table::Table`: roles → nodes, per-role index, the dirty set and publication (to the
 //!   DNS builder through [`Publish`], and to readers as a new [`View`]). No clock, no IO.
 //!
-//! The registry does no network IO and knows nothing of DNS wire formats or JSON.
+//! Apart from the etcd owner's calls (through [`crate::etcd`]), the registry does no network
+//! IO, and it knows nothing of DNS wire formats or JSON.
 
 mod etcd;
 pub mod model;
