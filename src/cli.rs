@@ -299,28 +299,33 @@ pub struct ManArgs {
     pub dir: Option<PathBuf>,
 }
 
-/// `rollcall completions SHELL` and `rollcall man`: generated from these very definitions.
-pub fn generate_docs(command: &Command) -> Result<u8, (u8, String)> {
+/// `rollcall completions SHELL`: generated from these very definitions.
+pub fn print_completions(a: &CompletionsArgs) -> Result<u8, (u8, String)> {
     use clap::CommandFactory;
-    let mut cmd = Cli::command();
-    match command {
-        Command::Completions(a) => {
-            clap_complete::generate(a.shell, &mut cmd, "rollcall", &mut std::io::stdout());
-            Ok(0)
-        }
-        Command::Man(a) => match &a.dir {
-            Some(dir) => clap_mangen::generate_to(cmd, dir).map(|()| 0).map_err(|e| {
-                (
-                    1,
-                    format!("cannot write the man pages to {}: {e}", dir.display()),
-                )
-            }),
-            None => clap_mangen::Man::new(cmd)
-                .render(&mut std::io::stdout())
-                .map(|()| 0)
-                .map_err(|e| (1, format!("cannot print the man page: {e}"))),
-        },
-        _ => Ok(0),
+    clap_complete::generate(
+        a.shell,
+        &mut Cli::command(),
+        "rollcall",
+        &mut std::io::stdout(),
+    );
+    Ok(0)
+}
+
+/// `rollcall man [--dir DIR]`: generated from these very definitions.
+pub fn print_man(a: &ManArgs) -> Result<u8, (u8, String)> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    match &a.dir {
+        Some(dir) => clap_mangen::generate_to(cmd, dir).map(|()| 0).map_err(|e| {
+            (
+                1,
+                format!("cannot write the man pages to {}: {e}", dir.display()),
+            )
+        }),
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .map(|()| 0)
+            .map_err(|e| (1, format!("cannot print the man page: {e}"))),
     }
 }
 

@@ -42,7 +42,8 @@ async fn run(command: Command) -> ExitCode {
         Command::HipacheSync(args) => rollcall::hipache::run(args).await,
         Command::Status(args) => rollcall::status::run(args).await,
         Command::Check(args) => rollcall::agent::check_once(&args.target).await,
-        c @ (Command::Completions(_) | Command::Man(_)) => rollcall::cli::generate_docs(&c),
+        Command::Completions(args) => rollcall::cli::print_completions(&args),
+        Command::Man(args) => rollcall::cli::print_man(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -211,6 +211,18 @@ struct Histogram {
     sum: f64,
 }
 
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.buckets[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
 /// API requests by (method, route, status, blocking), with latency. Every label comes from a
 /// bounded set: methods are named or OTHER, routes are the router's (or "unmatched").
 #[derive(Default)]
@@ -224,16 +236,9 @@ impl ApiMetrics {
     pub fn record(&self, method: &str, route: &str, status: u16, blocking: bool, took: Duration) {
         let secs = took.as_secs_f64();
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let h = map
-            .entry((method.to_owned(), route.to_owned(), status, blocking))
-            .or_default();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                h.buckets[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += secs;
+        map.entry((method.to_owned(), route.to_owned(), status, blocking))
+            .or_default()
+            .observe(secs);
     }
 }
 
@@ -435,27 +440,11 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
         let labels = format!(
             "method=\"{method}\",route=\"{route}\",status=\"{status}\",blocking=\"{blocking}\""
         );
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "rollcall_http_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {}",
-                h.buckets[i]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "rollcall_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-            h.count
-        );
-        let _ = writeln!(
-            out,
-            "rollcall_http_request_duration_seconds_sum{{{labels}}} {}",
-            h.sum
-        );
-        let _ = writeln!(
-            out,
-            "rollcall_http_request_duration_seconds_count{{{labels}}} {}",
-            h.count
+        histogram(
+            &mut out,
+            "rollcall_http_request_duration_seconds",
+            &labels,
+            &h,
         );
     }
     gauge(

@@ -10,6 +10,14 @@ use util::*;
 
 const ZONE: &str = "$TTL 60\n@ IN SOA ns.cluster. hostmaster.cluster. 1 60 10 3600 1\n@ IN NS ns.cluster.\nns IN A 127.0.0.1\nproxyserver IN A 10.9.9.9\n";
 
+/// `DIR/zones/cluster.zone` holding [`ZONE`]; returns the zones directory.
+fn zones_with_cluster(dir: &std::path::Path) -> std::path::PathBuf {
+    let zones = dir.join("zones");
+    std::fs::create_dir(&zones).unwrap();
+    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    zones
+}
+
 fn put(api: &str, role: &str, node: &str, body: &str) -> reqwest::blocking::Response {
     http()
         .put(format!("{api}/v1/roles/{role}/nodes/{node}"))
@@ -21,9 +29,7 @@ fn put(api: &str, role: &str, node: &str, body: &str) -> reqwest::blocking::Resp
 #[test]
 fn dig_sees_nodes_registered_a_moment_before() {
     let dir = tempfile::tempdir().unwrap();
-    let zones = dir.path().join("zones");
-    std::fs::create_dir(&zones).unwrap();
-    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let zones = zones_with_cluster(dir.path());
     let server = ServeProc::start(&dir.path().join("data"), &zones, &[]);
     for (node, addr) in [("appserver1", "10.0.0.7"), ("appserver2", "10.0.0.8")] {
         let r = put(
@@ -64,9 +70,7 @@ fn dig_sees_nodes_registered_a_moment_before() {
 #[test]
 fn dns_on_ipv4_and_ipv6_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let zones = dir.path().join("zones");
-    std::fs::create_dir(&zones).unwrap();
-    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let zones = zones_with_cluster(dir.path());
     let server = ServeProc::start_on(
         "127.0.0.1:0,[::1]:0",
         "127.0.0.1:0",
@@ -101,9 +105,7 @@ fn dns_on_ipv4_and_ipv6_at_once() {
 #[test]
 fn sighup_reloads_zone_files_and_keeps_the_old_ones_when_broken() {
     let dir = tempfile::tempdir().unwrap();
-    let zones = dir.path().join("zones");
-    std::fs::create_dir(&zones).unwrap();
-    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let zones = zones_with_cluster(dir.path());
     let server = ServeProc::start(&dir.path().join("data"), &zones, &[]);
     assert_eq!(
         put(
@@ -842,9 +844,7 @@ fn sigterm_stops_the_server_even_when_its_stderr_is_gone() {
 #[test]
 fn metrics_for_operators() {
     let dir = tempfile::tempdir().unwrap();
-    let zones = dir.path().join("zones");
-    std::fs::create_dir(&zones).unwrap();
-    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let zones = zones_with_cluster(dir.path());
     let server = ServeProc::start(&dir.path().join("data"), &zones, &[]);
     let api = server.api();
     let scrape = || http().get(format!("{api}/metrics")).send().unwrap();
@@ -1003,9 +1003,7 @@ fn metrics_for_operators() {
 fn serve_notifies_systemd() {
     use std::os::unix::net::UnixDatagram;
     let dir = tempfile::tempdir().unwrap();
-    let zones = dir.path().join("zones");
-    std::fs::create_dir(&zones).unwrap();
-    std::fs::write(zones.join("cluster.zone"), ZONE).unwrap();
+    let zones = zones_with_cluster(dir.path());
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))

@@ -167,6 +167,29 @@ impl Stack {
         run_ok(&mut self.compose_cmd(args))
     }
 
+    /// `up -d` with this many appservers and frontservers (compose 1.29 scales every service
+    /// not named back to its `scale:`, so both are always named).
+    fn scale(&self, appservers: usize, frontservers: usize) {
+        self.compose(&[
+            "up",
+            "-d",
+            "--scale",
+            &format!("appserver={appservers}"),
+            "--scale",
+            &format!("frontserver={frontservers}"),
+        ]);
+    }
+
+    /// `build`, then `up` with 3 appservers and 2 frontservers, each timed and printed.
+    fn bring_up(&self, built: &str, up: &str) {
+        let t = Instant::now();
+        self.compose(&["build"]);
+        eprintln!("{built}: {:.1} s", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        self.scale(3, 2);
+        eprintln!("{up}: {:.1} s", t.elapsed().as_secs_f64());
+    }
+
     /// Running containers of a service (full ids, sorted).
     fn ids(&self, service: &str) -> Vec<String> {
         let out = docker(&[
@@ -595,25 +618,7 @@ fn stack(images: &Images, suffix: &str, files: &[&str]) -> Stack {
 
 fn one_server(images: &Images) {
     let stack = stack(images, "", &["docker-compose.yml"]);
-    let t = Instant::now();
-    stack.compose(&["build"]);
-    eprintln!(
-        "compose build (4 images): {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    let t = Instant::now();
-    stack.compose(&[
-        "up",
-        "-d",
-        "--scale",
-        "appserver=3",
-        "--scale",
-        "frontserver=2",
-    ]);
-    eprintln!(
-        "compose up (7 containers): {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    stack.bring_up("compose build (4 images)", "compose up (7 containers)");
 
     let dns = stack.dns();
     let apps = stack.ids("appserver");
@@ -696,14 +701,7 @@ fn one_server(images: &Images) {
     let load = Load::start(direct.clone(), 4);
     std::thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
-    stack.compose(&[
-        "up",
-        "-d",
-        "--scale",
-        "appserver=4",
-        "--scale",
-        "frontserver=2",
-    ]);
+    stack.scale(4, 2);
     let up_took = t0.elapsed();
     let apps4 = stack.ids("appserver");
     assert_eq!(apps4.len(), 4);
@@ -838,14 +836,7 @@ fn one_server(images: &Images) {
     //    containers go, or compose would start them again.)
     stack.compose(&["rm", "-f"]);
     let t0 = Instant::now();
-    stack.compose(&[
-        "up",
-        "-d",
-        "--scale",
-        "appserver=3",
-        "--scale",
-        "frontserver=3",
-    ]);
+    stack.scale(3, 3);
     let fronts3 = stack.ids("frontserver");
     assert_eq!(fronts3.len(), 3);
     let f3 = ips(&fronts3);
@@ -860,14 +851,7 @@ fn one_server(images: &Images) {
         t0.elapsed().as_secs_f64()
     );
     let t0 = Instant::now();
-    stack.compose(&[
-        "up",
-        "-d",
-        "--scale",
-        "appserver=3",
-        "--scale",
-        "frontserver=2",
-    ]);
+    stack.scale(3, 2);
     let f2 = ips(&stack.ids("frontserver"));
     assert_eq!(f2.len(), 2);
     assert!(
@@ -917,14 +901,7 @@ fn one_server(images: &Images) {
     );
     assert_eq!(summary("docker kill appserver", &samples, t0), 0);
     stack.compose(&["rm", "-f"]);
-    stack.compose(&[
-        "up",
-        "-d",
-        "--scale",
-        "appserver=3",
-        "--scale",
-        "frontserver=2",
-    ]);
+    stack.scale(3, 2);
     let apps3 = stack.ids("appserver");
     assert!(eventually(Duration::from_secs(20), || dns_a(
         dns,
@@ -1060,28 +1037,6 @@ fn never_lost(
         .all(|(_, s)| s.as_ref().is_some_and(|s| s.is_superset(want)))
 }
 
-/// `(node, session)` of every node of `role`, from one server's API.
-fn sessions(api: &str, role: &str) -> Option<BTreeMap<String, bool>> {
-    let v: serde_json::Value = util::http()
-        .get(format!("{api}/v1/roles/{role}"))
-        .send()
-        .ok()?
-        .json()
-        .ok()?;
-    Some(
-        v["nodes"]
-            .as_array()?
-            .iter()
-            .map(|n| {
-                (
-                    n["node"].as_str().unwrap_or("").to_owned(),
-                    n["session"].as_bool().unwrap_or(false),
-                )
-            })
-            .collect(),
-    )
-}
-
 /// The etcd service (`etcd1`..`etcd3`) that leads, asked through etcd's JSON gateway.
 fn etcd_leader(net: &str) -> String {
     for i in 1..=3 {
@@ -1105,25 +1060,7 @@ fn over_etcd(images: &Images) {
         "etcd",
         &["docker-compose.yml", "docker-compose.etcd.yml"],
     );
-    let t = Instant::now();
-    stack.compose(&["build"]);
-    eprintln!(
-        "compose build (the etcd image; the others cached): {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    let t = Instant::now();
-    stack.compose(&[
-        "up",
-        "-d",
-        "--scale",
-        "appserver=3",
-        "--scale",
-        "frontserver=2",
-    ]);
-    eprintln!(
-        "compose up (3 etcd, 2 rollcall, 3 appservers, 2 frontservers with their own rollcall, proxyserver): {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    stack.bring_up("compose build (the etcd image; the others cached)", "compose up (3 etcd, 2 rollcall, 3 appservers, 2 frontservers with their own rollcall, proxyserver)");
     let net = stack.net.clone();
     let apps = stack.ids("appserver");
     let fronts = stack.ids("frontserver");
@@ -1184,7 +1121,8 @@ fn over_etcd(images: &Images) {
     docker(&["kill", &rc1]);
     let api2 = format!("http://{net}.54:8053");
     let moved = eventually(Duration::from_secs(15), || {
-        sessions(&api2, "appserver").is_some_and(|s| s.len() == 3 && s.values().all(|live| *live))
+        util::api_nodes(&api2, "appserver")
+            .is_some_and(|s| s.len() == 3 && s.values().all(|live| *live))
     });
     let moved_at = t0.elapsed();
     std::thread::sleep(Duration::from_secs(2));
@@ -1197,7 +1135,7 @@ fn over_etcd(images: &Images) {
     assert!(
         moved,
         "the agents did not move to rollcall2: {:?}",
-        sessions(&api2, "appserver")
+        util::api_nodes(&api2, "appserver")
     );
     assert!(
         never_lost(&c2, &app_ips, t0) && never_lost(&cl, &app_ips, t0),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use util::etcd::{serve, signal_proc, wait_ready, EtcdCluster};
-use util::{eventually, http, metric, query_msg, rollcall_bin, udp_raw, ServeProc};
+use util::{eventually, http, metric, query_msg, role_nodes, rollcall_bin, udp_raw, ServeProc};
 
 struct Three {
     dir: tempfile::TempDir,
@@ -83,23 +83,6 @@ fn soa_serial(dns: SocketAddr) -> u32 {
         hickory_proto::rr::RData::SOA(soa) => soa.serial,
         other => panic!("not a SOA: {other:?}"),
     }
-}
-
-fn role_nodes(api: &str, role: &str) -> Option<BTreeMap<String, serde_json::Value>> {
-    let v: serde_json::Value = http()
-        .get(format!("{api}/v1/roles/{role}"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .ok()?
-        .json()
-        .ok()?;
-    Some(
-        v["nodes"]
-            .as_array()?
-            .iter()
-            .map(|n| (n["node"].as_str().unwrap().to_owned(), n.clone()))
-            .collect(),
-    )
 }
 
 fn status_of(api: &str, path: &str) -> u16 {

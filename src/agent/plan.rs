@@ -23,10 +23,16 @@ impl fmt::Display for Check {
 }
 
 impl Check {
+    /// `--check`'s value; errors name the flag.
     pub fn parse(s: &str) -> Result<Check, String> {
+        Check::parse_target(s).map_err(|e| format!("--check {e}"))
+    }
+
+    /// A probe target (`rollcall check TARGET`, or `--check`'s value).
+    pub fn parse_target(s: &str) -> Result<Check, String> {
         let bad = |why: &str| {
             format!(
-                "--check {s:?} {why}: use tcp://HOST:PORT or http://HOST:PORT/PATH \
+                "{s:?} {why}: use tcp://HOST:PORT or http://HOST:PORT/PATH \
                  (e.g. tcp://127.0.0.1:8080)"
             )
         };
@@ -68,7 +74,7 @@ pub use crate::clock::parse_duration;
 
 /// `rollcall check TARGET`: one probe, as the agent's --check runs it (2-s timeout).
 pub async fn check_once(target: &str) -> Result<u8, (u8, String)> {
-    let check = Check::parse(target).map_err(|e| (2, e.replacen("--check ", "", 1)))?;
+    let check = Check::parse_target(target).map_err(|e| (2, e))?;
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(CHECK_TIMEOUT)

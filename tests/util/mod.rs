@@ -354,10 +354,15 @@ pub fn echo_lines(stream: impl std::io::Read + Send + 'static, prefix: String) {
     });
 }
 
-/// `(node, session)` for every node of `role`, from the API.
-pub fn api_nodes(api: &str, role: &str) -> Option<std::collections::BTreeMap<String, bool>> {
+/// Every node of `role` from one server's API, by node name (its JSON as the API gives it);
+/// None when the server does not answer within 5 s.
+pub fn role_nodes(
+    api: &str,
+    role: &str,
+) -> Option<std::collections::BTreeMap<String, serde_json::Value>> {
     let v: serde_json::Value = http()
         .get(format!("{api}/v1/roles/{role}"))
+        .timeout(Duration::from_secs(5))
         .send()
         .ok()?
         .json()
@@ -366,12 +371,17 @@ pub fn api_nodes(api: &str, role: &str) -> Option<std::collections::BTreeMap<Str
         v["nodes"]
             .as_array()?
             .iter()
-            .map(|n| {
-                (
-                    n["node"].as_str().unwrap_or("").to_owned(),
-                    n["session"].as_bool().unwrap_or(false),
-                )
-            })
+            .map(|n| (n["node"].as_str().unwrap_or("").to_owned(), n.clone()))
+            .collect(),
+    )
+}
+
+/// `(node, session)` for every node of `role`, from the API.
+pub fn api_nodes(api: &str, role: &str) -> Option<std::collections::BTreeMap<String, bool>> {
+    Some(
+        role_nodes(api, role)?
+            .into_iter()
+            .map(|(k, n)| (k, n["session"].as_bool().unwrap_or(false)))
             .collect(),
     )
 }
