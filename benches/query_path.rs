@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use rollcall::dns::snapshot::{build_role, Builder, ZoneSettings};
+use rollcall::dns::snapshot::{build_role, Builder, RoleBuild, ZoneSettings};
 use rollcall::dns::wire::{answer, Transport};
 use rollcall::registry::{Label, NodeSpec, Publish, RoleView};
 
@@ -47,15 +47,30 @@ fn bench(c: &mut Criterion) {
     let views = [
         RoleView {
             role: &app,
-            nodes: names[..10].iter().zip(&specs[..10]).collect(),
+            len: specs[..10].len(),
+            changed: names[..10]
+                .iter()
+                .zip(&specs[..10])
+                .map(|(l, s)| (l, Some(s)))
+                .collect(),
         },
         RoleView {
             role: &front,
-            nodes: names[..2].iter().zip(&specs[10..12]).collect(),
+            len: specs[10..12].len(),
+            changed: names[..2]
+                .iter()
+                .zip(&specs[10..12])
+                .map(|(l, s)| (l, Some(s)))
+                .collect(),
         },
         RoleView {
             role: &big,
-            nodes: names.iter().zip(&specs).collect(),
+            len: specs.len(),
+            changed: names
+                .iter()
+                .zip(&specs)
+                .map(|(l, s)| (l, Some(s)))
+                .collect(),
         },
     ];
     builder.clone().publish(1, &views);
@@ -95,6 +110,32 @@ fn bench(c: &mut Criterion) {
         let nodes: Vec<(&Label, &NodeSpec)> = names[..n].iter().zip(&specs[..n]).collect();
         c.bench_function(&format!("build_role/{n} nodes"), |b| {
             b.iter(|| build_role(&zone, &app, black_box(&nodes), 5))
+        });
+    }
+    // One node of a big role changes: what a publish costs the registry's owner.
+    let many: Vec<Label> = (0..20_000)
+        .map(|i| Label::parse(&format!("n{i}")).unwrap())
+        .collect();
+    let many_specs: Vec<NodeSpec> = (0..20_000).map(spec).collect();
+    for n in [1000usize, 20_000] {
+        let mut build = RoleBuild::new(&zone, &app, 5);
+        let all: Vec<(&Label, Option<&NodeSpec>)> = many[..n]
+            .iter()
+            .zip(&many_specs[..n])
+            .map(|(l, s)| (l, Some(s)))
+            .collect();
+        build.apply(&all);
+        let mut weight = 0u16;
+        c.bench_function(&format!("role_change/1 of {n} nodes"), |b| {
+            b.iter(|| {
+                weight = weight.wrapping_add(1);
+                let changed = NodeSpec {
+                    weight,
+                    ..many_specs[n / 2].clone()
+                };
+                build.apply(&[(&many[n / 2], Some(&changed))]);
+                black_box(build.data())
+            })
         });
     }
 }

@@ -116,9 +116,15 @@ async fn main() {
         let nodes: Vec<(Label, NodeSpec)> = (0..per_role)
             .map(|n| (Label::parse(&format!("node{n}")).unwrap(), spec(n)))
             .collect();
+        // One node of the role changes (its weight): the incremental path.
+        let changed = NodeSpec {
+            weight: (i % 60_000) as u16 + 2,
+            ..nodes[i % per_role].1.clone()
+        };
         let view = rollcall::registry::RoleView {
             role: &role,
-            nodes: nodes.iter().map(|(l, s)| (l, s)).collect(),
+            len: per_role,
+            changed: vec![(&nodes[i % per_role].0, Some(&changed))],
         };
         let t = Instant::now();
         builder

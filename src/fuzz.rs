@@ -46,11 +46,17 @@ pub fn sample_snapshot() -> Arc<Snapshot> {
         let views = [
             RoleView {
                 role: &app,
-                nodes: names.iter().zip(&small).collect(),
+                len: small.len(),
+                changed: names
+                    .iter()
+                    .zip(&small)
+                    .map(|(l, s)| (l, Some(s)))
+                    .collect(),
             },
             RoleView {
                 role: &bigrole,
-                nodes: names.iter().zip(&big).collect(),
+                len: big.len(),
+                changed: names.iter().zip(&big).map(|(l, s)| (l, Some(s))).collect(),
             },
         ];
         let mut publisher = builder.clone();

@@ -251,6 +251,42 @@ async fn a_role_too_big_for_one_tcp_message_gets_the_largest_answer_that_fits() 
     running.stop().await;
 }
 
+/// The SRV sets of a role too big for one TCP message: the largest answer that fits, from a
+/// rotation that moves, never an empty TC answer (it was empty with TC before: issue 11 #5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_srv_set_too_big_for_one_tcp_message_gets_the_largest_answer_that_fits() {
+    let running = start(ServeConfig::for_tests()).await.unwrap();
+    fill_role(&running, "huge", 5000).await;
+    for name in ["_http._tcp.huge.cluster.", "huge.cluster."] {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut most = 0;
+        for _ in 0..4 {
+            let raw = tcp_raw(running.dns_addr, &query_msg(name, RecordType::SRV, None));
+            assert!(raw.len() <= 65535);
+            let m = Message::from_vec(&raw).expect("decodes");
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert!(!m.metadata.truncation, "TC over TCP for {name}");
+            assert!(
+                m.answers.len() > 1000,
+                "{name}: {} answers",
+                m.answers.len()
+            );
+            assert!(m.answers.iter().all(|r| r.record_type() == RecordType::SRV));
+            most = most.max(m.answers.len());
+            seen.extend(m.answers.iter().map(|r| r.data.to_string()));
+        }
+        assert!(
+            seen.len() > most,
+            "{name}: the rotation moves ({} distinct)",
+            seen.len()
+        );
+        // Over UDP it is TC, for the client to retry over TCP.
+        let m = udp_query(running.dns_addr, name, RecordType::SRV, Some(1232));
+        assert!(m.metadata.truncation, "{name} over UDP");
+    }
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_clients_that_never_read_lose_their_slot() {
     let running = start(ServeConfig::for_tests()).await.unwrap();

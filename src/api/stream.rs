@@ -24,16 +24,21 @@ pub fn role_body(view: Arc<View>, role: Label, snap: Option<Arc<RoleSnapshot>>) 
         if at == 0 {
             buf.extend_from_slice(format!("{{\"index\":{index},\"nodes\":[").as_bytes());
         }
-        let nodes = snap.as_ref().map_or(&[][..], |s| &s.nodes[..]);
+        let len = snap.as_ref().map_or(0, |s| s.nodes.len());
         let now = tokio::time::Instant::now();
-        while at < nodes.len() && buf.len() < CHUNK {
-            if at > 0 {
-                buf.push(b',');
+        if let Some(s) = &snap {
+            for n in s.nodes.iter_from(at) {
+                if buf.len() >= CHUNK {
+                    break;
+                }
+                if at > 0 {
+                    buf.push(b',');
+                }
+                write_node(&mut buf, &view, &role, n, now);
+                at += 1;
             }
-            write_node(&mut buf, &view, &role, &nodes[at], now);
-            at += 1;
         }
-        let next = if at >= nodes.len() {
+        let next = if at >= len {
             buf.extend_from_slice(b"]}");
             None
         } else {

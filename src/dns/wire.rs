@@ -151,7 +151,7 @@ pub fn answer(
         let role_len = usize::from(name[role_at]);
         snap.roles
             .get(&name[role_at + 1..role_at + 1 + role_len])
-            .and_then(|r: &std::sync::Arc<RoleData>| r.names.get(name))
+            .and_then(|r: &std::sync::Arc<RoleData>| r.get(name, apex_label))
     } else {
         None
     };
@@ -550,8 +550,10 @@ fn answer_ptr(
     write_header(q, out, RCODE_NOERROR, true, [1, 0, 0, 0]);
     out.extend_from_slice(&q[12..question.end]);
     for role in snap.roles.values() {
-        let from = role.addrs.partition_point(|(a, ..)| *a < addr);
-        for (_, name, ttl) in role.addrs[from..].iter().take_while(|(a, ..)| *a == addr) {
+        let Some(names) = role.addrs.get(&addr) else {
+            continue;
+        };
+        for (name, ttl) in names {
             out.extend_from_slice(&[0xC0, 12, 0, TYPE_PTR as u8, 0, 1]);
             out.extend_from_slice(&ttl.to_be_bytes());
             out.extend_from_slice(&(name.len() as u16).to_be_bytes());

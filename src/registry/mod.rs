@@ -19,6 +19,7 @@
 
 mod etcd;
 pub mod model;
+mod nodelist;
 mod table;
 mod writer;
 
@@ -33,14 +34,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use model::*;
+pub use nodelist::NodeList;
 
 use crate::journal::{Journal, Loaded};
 use crate::metrics::RegistryCounters;
 
 /// Receives the roles whose visible set changed in a batch, before anyone is told of the change.
 pub trait Publish: Send + 'static {
-    /// `changed` lists each changed role with its full, current node set (empty: role gone).
-    /// `index` is the registry's new generation index.
+    /// `changed` lists each changed role with the nodes that changed in it (a role whose
+    /// `len` is 0 is gone). `index` is the registry's new generation index.
     fn publish(&mut self, index: u64, changed: &[RoleView<'_>]);
 
     /// From now on the zone's SOA serial is `base + index` (wrapping), the same on every
@@ -48,10 +50,14 @@ pub trait Publish: Send + 'static {
     fn set_serial_base(&mut self, _base: u32) {}
 }
 
-/// A role's current nodes, borrowed from the table for the duration of a publish.
+/// What changed in one role, borrowed from the table for the duration of a publish.
 pub struct RoleView<'a> {
     pub role: &'a Label,
-    pub nodes: Vec<(&'a Label, &'a NodeSpec)>,
+    /// How many nodes the role holds now.
+    pub len: usize,
+    /// The nodes whose visible state changed, sorted by name: the spec now, or `None` for a
+    /// node that left. A publisher applies these to what it was given before.
+    pub changed: Vec<(&'a Label, Option<&'a NodeSpec>)>,
 }
 
 /// Limits the owner enforces.
@@ -174,7 +180,7 @@ pub struct RoleSnapshot {
     /// Index of the role's last visible change (kept after the role empties).
     pub index: u64,
     /// Sorted by node name.
-    pub nodes: Vec<PublishedNode>,
+    pub nodes: NodeList,
     superseded: CancellationToken,
 }
 
@@ -235,8 +241,8 @@ impl View {
     /// One node, found without copying its role.
     pub fn node(&self, key: &NodeKey) -> Option<NodeInfo> {
         let r = self.roles.get(&key.role)?;
-        let i = r.nodes.binary_search_by(|n| n.node.cmp(&key.node)).ok()?;
-        Some(self.node_info(&key.role, &r.nodes[i], Instant::now()))
+        let n = r.nodes.get(&key.node)?;
+        Some(self.node_info(&key.role, n, Instant::now()))
     }
 
     /// The generation index and the node count of every non-empty role.

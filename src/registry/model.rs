@@ -43,6 +43,11 @@ impl Label {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether both are the same allocation (equal labels need not be; interned ones are).
+    pub fn same(&self, other: &Label) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl fmt::Display for Label {

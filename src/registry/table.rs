@@ -36,8 +36,8 @@ pub(super) struct Table {
     roles: BTreeMap<Label, RoleEntry>,
     total: usize,
     index: u64,
-    /// Roles whose visible set changed since the last flush.
-    dirty: BTreeSet<Label>,
+    /// Nodes whose visible state changed since the last flush, by role.
+    dirty: BTreeMap<Label, BTreeSet<Label>>,
     /// The last published snapshot of every role ever seen (emptied roles keep their index).
     published: BTreeMap<Label, Arc<RoleSnapshot>>,
     publisher: Box<dyn Publish>,
@@ -64,7 +64,7 @@ impl Table {
             roles: BTreeMap::new(),
             total: 0,
             index: initial_index,
-            dirty: BTreeSet::new(),
+            dirty: BTreeMap::new(),
             published: BTreeMap::new(),
             publisher,
             view: view.clone(),
@@ -125,7 +125,7 @@ impl Table {
             self.total += 1;
         }
         if visible || old.is_none() {
-            self.dirty.insert(key.role.clone());
+            self.mark(key);
         }
         old
     }
@@ -137,8 +137,15 @@ impl Table {
             self.roles.remove(&key.role);
         }
         self.total -= 1;
-        self.dirty.insert(key.role.clone());
+        self.mark(key);
         Some(old)
+    }
+
+    fn mark(&mut self, key: &NodeKey) {
+        self.dirty
+            .entry(key.role.clone())
+            .or_default()
+            .insert(key.node.clone());
     }
 
     /// Every registration, for a journal rewrite.
@@ -175,36 +182,44 @@ impl Table {
         let dirty = std::mem::take(&mut self.dirty);
         let views: Vec<RoleView<'_>> = dirty
             .iter()
-            .map(|role| RoleView {
-                role,
-                nodes: self
-                    .roles
-                    .get(role)
-                    .map(|r| r.nodes.iter().map(|(n, e)| (n, &*e.spec)).collect())
-                    .unwrap_or_default(),
+            .map(|(role, nodes)| {
+                let r = self.roles.get(role);
+                RoleView {
+                    role,
+                    len: r.map_or(0, |r| r.nodes.len()),
+                    changed: nodes
+                        .iter()
+                        .map(|n| (n, r.and_then(|r| r.nodes.get(n)).map(|e| &*e.spec)))
+                        .collect(),
+                }
             })
             .collect();
         self.publisher.publish(self.index, &views);
         drop(views);
 
+        // Each role's new node list shares every chunk the change did not touch.
         let mut superseded = Vec::with_capacity(dirty.len());
-        for role in dirty {
-            let nodes = self
-                .roles
+        for (role, changed) in dirty {
+            let mut nodes = self
+                .published
                 .get(&role)
-                .map(|r| {
-                    r.nodes
-                        .iter()
-                        .map(|(n, e)| PublishedNode {
-                            node: n.clone(),
-                            spec: e.spec.clone(),
-                            encoded: e.encoded.clone(),
-                            registered: e.registered,
-                            lease: e.cell.clone(),
-                        })
-                        .collect()
-                })
+                .map(|s| s.nodes.clone())
                 .unwrap_or_default();
+            let current = self.roles.get(&role);
+            for node in changed {
+                match current.and_then(|r| r.nodes.get(&node)) {
+                    Some(e) => nodes.upsert(PublishedNode {
+                        node,
+                        spec: e.spec.clone(),
+                        encoded: e.encoded.clone(),
+                        registered: e.registered,
+                        lease: e.cell.clone(),
+                    }),
+                    None => {
+                        nodes.remove(&node);
+                    }
+                }
+            }
             let snap = Arc::new(RoleSnapshot {
                 role: role.clone(),
                 index: self.index,

@@ -13,7 +13,7 @@ impl Publish for Recorder {
     fn publish(&mut self, index: u64, changed: &[RoleView<'_>]) {
         let roles = changed
             .iter()
-            .map(|v| (v.role.to_string(), v.nodes.len()))
+            .map(|v| (v.role.to_string(), v.len))
             .collect();
         self.0.lock().unwrap().push((index, roles));
     }
