@@ -76,8 +76,11 @@ pub struct RoleData {
     pub nodes: Shards<Box<[u8]>, Entry>,
     /// Reverse data: address -> (node's absolute wire name, ttl) of each node with it, sorted
     /// by name. A PTR lookup is a hash lookup per role, not a scan of every node.
-    pub addrs: Shards<IpAddr, Vec<(Box<[u8]>, u32)>>,
+    pub addrs: Shards<IpAddr, Vec<Reverse>>,
 }
+
+/// One name a reverse lookup answers: a node's absolute wire name and its TTL.
+pub type Reverse = (Box<[u8]>, u32);
 
 impl RoleData {
     /// The entry of a name under this role. `depth` is how many labels precede the zone's
