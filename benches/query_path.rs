@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use rollcall::dns::snapshot::{build_role, Builder, RoleBuild, ZoneSettings};
+use rollcall::dns::role::{build_role, RoleBuild};
 use rollcall::dns::wire::{answer, Transport};
+use rollcall::dns::{Builder, ZoneSettings};
 use rollcall::registry::{Label, NodeSpec, Publish, RoleView};
 
 fn query(name: &str, rtype: RecordType) -> Vec<u8> {
@@ -105,7 +106,7 @@ fn bench(c: &mut Criterion) {
         });
     }
 
-    let zone = rollcall::dns::snapshot::wire_name(&Name::from_ascii("cluster.").unwrap());
+    let zone = rollcall::dns::encode::wire_name(&Name::from_ascii("cluster.").unwrap());
     for n in [10usize, 100, 1000] {
         let nodes: Vec<(&Label, &NodeSpec)> = names[..n].iter().zip(&specs[..n]).collect();
         c.bench_function(&format!("build_role/{n} nodes"), |b| {

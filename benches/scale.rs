@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use rollcall::dns::snapshot::{Builder, ZoneSettings};
 use rollcall::dns::wire::{answer, Transport};
+use rollcall::dns::{Builder, ZoneSettings};
 use rollcall::journal::{Journal, LogJournal};
 use rollcall::registry::{Label, Limits, NodeKey, NodeSpec, Registry};
 use tokio_util::sync::CancellationToken;

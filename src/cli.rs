@@ -136,9 +136,9 @@ pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError>
     if let Some((_, sub)) = matches.subcommand() {
         let (token, file) = match &mut cli.command {
             Command::Serve(a) => (&mut a.token, &mut a.token_file),
-            Command::Register(a) => (&mut a.token, &mut a.token_file),
-            Command::HipacheSync(a) => (&mut a.token, &mut a.token_file),
-            Command::Status(a) => (&mut a.token, &mut a.token_file),
+            Command::Register(RegisterArgs { client: c, .. })
+            | Command::HipacheSync(HipacheArgs { client: c, .. })
+            | Command::Status(StatusArgs { client: c, .. }) => (&mut c.token, &mut c.token_file),
             // No token flags: asking clap about them would be an error.
             Command::Check(_) | Command::Completions(_) | Command::Man(_) => return Ok(cli),
         };
@@ -518,11 +518,13 @@ pub struct ServeArgs {
     pub etcd_resync: String,
 }
 
+/// How a client subcommand reaches the API: which servers, and with which token. Shared by
+/// `register`, `hipache-sync` and `status`, so the three take the same flags the same way.
 #[derive(Args, Debug, Clone)]
-pub struct RegisterArgs {
+pub struct ApiArgs {
     /// URL of the rollcall HTTP API; several (comma-separated or repeated) for servers that
-    /// share etcd: the agent sticks to one and moves to the next on a connect error, a 2 s
-    /// timeout, a 5xx or a silent session.
+    /// share etcd: the client uses one and moves to the next when it fails (a connect error, a
+    /// 2 s timeout, a 5xx, a silent session).
     #[arg(
         long,
         env = "ROLLCALL_API",
@@ -530,6 +532,21 @@ pub struct RegisterArgs {
         default_value = "http://127.0.0.1:8053"
     )]
     pub api: Vec<String>,
+
+    /// Bearer token for the API: needed for writes when the server has one, and for reads
+    /// too with --token-reads.
+    #[arg(long, env = "ROLLCALL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Read the token from this file (first line).
+    #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RegisterArgs {
+    #[command(flatten)]
+    pub client: ApiArgs,
 
     /// Role to register under (a DNS label, e.g. appserver).
     #[arg(long, env = "ROLLCALL_ROLE")]
@@ -575,14 +592,6 @@ pub struct RegisterArgs {
     #[arg(long, env = "ROLLCALL_STOP_SIGNAL")]
     pub stop_signal: Option<String>,
 
-    /// Bearer token for the API.
-    #[arg(long, env = "ROLLCALL_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-
-    /// Read the token from this file.
-    #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-
     /// Command to run as a child (in its own process group): registered while it runs, signals
     /// passed on to it, its exit code passed through (128+N when killed by signal N).
     #[arg(last = true)]
@@ -591,15 +600,8 @@ pub struct RegisterArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct HipacheArgs {
-    /// URL of the rollcall HTTP API; several (comma-separated or repeated) for servers that
-    /// share etcd: it follows one and moves to the next when that one fails.
-    #[arg(
-        long,
-        env = "ROLLCALL_API",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:8053"
-    )]
-    pub api: Vec<String>,
+    #[command(flatten)]
+    pub client: ApiArgs,
 
     /// Role whose nodes are hipache's backends.
     #[arg(long, env = "ROLLCALL_HIPACHE_ROLE", default_value = "frontserver")]
@@ -638,27 +640,12 @@ pub struct HipacheArgs {
     /// redis are checked every second whatever this says.
     #[arg(long, env = "ROLLCALL_INTERVAL", default_value = "60s")]
     pub interval: String,
-
-    /// Bearer token for the API.
-    #[arg(long, env = "ROLLCALL_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-
-    /// Read the token from this file.
-    #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
-    /// URL of the rollcall HTTP API; several (comma-separated or repeated): the first that
-    /// answers is used.
-    #[arg(
-        long,
-        env = "ROLLCALL_API",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:8053"
-    )]
-    pub api: Vec<String>,
+    #[command(flatten)]
+    pub client: ApiArgs,
 
     /// Show only this role.
     #[arg(long, env = "ROLLCALL_STATUS_ROLE")]
@@ -671,12 +658,4 @@ pub struct StatusArgs {
     /// Redraw whenever the registrations change (blocking queries), until interrupted.
     #[arg(long, env = "ROLLCALL_STATUS_WATCH")]
     pub watch: bool,
-
-    /// Bearer token for the API (needed with --token-reads).
-    #[arg(long, env = "ROLLCALL_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-
-    /// Read the token from this file (first line).
-    #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
 }

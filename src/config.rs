@@ -116,10 +116,9 @@ impl ServeConfig {
                     z
                 })
                 .map_err(|e| err(format!("--ns-name {n:?} is not a domain name: {e}")))?,
-            None => Name::from_ascii("ns")
-                .unwrap()
-                .append_domain(&zone)
-                .map_err(|e| err(e.to_string()))?,
+            None => {
+                crate::dns::builder::default_name("ns", &zone).map_err(|e| err(e.to_string()))?
+            }
         };
         if a.record_ttl == 0 || a.record_ttl > 86_400 {
             return Err(err(format!(

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use hickory_proto::op::{Message, MessageType, OpCode};
 use hickory_proto::rr::Name;
 
-use crate::dns::snapshot::{Builder, Snapshot, ZoneSettings};
 use crate::dns::wire::{answer, Outcome, Transport, MAX_UDP_PAYLOAD};
+use crate::dns::{Builder, Snapshot, ZoneSettings};
 use crate::registry::{Label, NodeSpec, Publish, RoleView};
 
 /// A snapshot with a few roles: IPv4 and IPv6 nodes, SRV, a role too big for UDP.

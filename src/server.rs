@@ -324,9 +324,9 @@ fn reserved_roles(
     config: &ServeConfig,
     statics: &[Box<[u8]>],
 ) -> std::collections::BTreeSet<String> {
-    let zone = dns::snapshot::wire_name(&config.zone);
+    let zone = dns::encode::wire_name(&config.zone);
     let mut out = std::collections::BTreeSet::new();
-    let ns = dns::snapshot::wire_name(&config.ns_name);
+    let ns = dns::encode::wire_name(&config.ns_name);
     for name in statics.iter().map(|n| &**n).chain(std::iter::once(&*ns)) {
         if name.len() <= zone.len() || !name.ends_with(&zone) {
             continue;

@@ -7,12 +7,52 @@ use std::time::Duration;
 use crate::api::model::{NodeOut, RoleOut, RolesOut};
 use crate::cli::StatusArgs;
 
+/// Validated settings of `rollcall status`.
+#[derive(Clone, Debug)]
+pub struct StatusConfig {
+    /// Every `--api` server, in the order they are tried (plain http, a host, no query).
+    pub apis: Vec<String>,
+    pub token: Option<String>,
+    /// Only this role (a valid label).
+    pub role: Option<String>,
+    pub json: bool,
+    pub watch: bool,
+}
+
+impl StatusConfig {
+    /// Checks every flag once; the error says which flag and what to do.
+    pub fn from_args(args: StatusArgs) -> Result<StatusConfig, String> {
+        // The same URL rules as `register`: plain http, a host, no query.
+        let apis = crate::client::api_urls(&args.client.api)?;
+        let token = crate::config::read_token(args.client.token, args.client.token_file.as_ref())
+            .map_err(|e| e.to_string())?;
+        let role = match &args.role {
+            Some(r) => Some(
+                crate::registry::Label::parse(r)
+                    .map_err(|e| format!("--role {r:?} {e}"))?
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(StatusConfig {
+            apis,
+            token,
+            role,
+            json: args.json,
+            watch: args.watch,
+        })
+    }
+}
+
 pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
-    // The same URL rules as `register`: plain http, a host, no query.
-    let apis = crate::client::api_urls(&args.api).map_err(|e| (2, e))?;
+    let StatusConfig {
+        apis,
+        token,
+        role,
+        json,
+        watch,
+    } = StatusConfig::from_args(args).map_err(|e| (2, e))?;
     let first = apis[0].clone();
-    let token = crate::config::read_token(args.token.clone(), args.token_file.as_ref())
-        .map_err(|e| (2, e.to_string()))?;
     // Several servers: the first that answers.
     let mut api = first;
     if apis.len() > 1 {
@@ -31,14 +71,6 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
             }
         }
     }
-    let role = match &args.role {
-        Some(r) => Some(
-            crate::registry::Label::parse(r)
-                .map_err(|e| (2, format!("--role {r:?} {e}")))?
-                .to_string(),
-        ),
-        None => None,
-    };
     // Like `register`: rollcall is reached directly, never through an HTTP proxy.
     let client = crate::client::http(Duration::from_secs(5), None)
         .build()
@@ -54,7 +86,7 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
     let mut index = 0u64;
     loop {
         // Which roles, at which index (blocking after the first round with --watch).
-        let wait = if args.watch && index > 0 {
+        let wait = if watch && index > 0 {
             format!("?index={index}&wait=60s")
         } else {
             String::new()
@@ -73,7 +105,7 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
                 (out.index, out.roles.into_keys().collect())
             }
         };
-        if args.watch && new_index == index {
+        if watch && new_index == index {
             continue; // the wait ended without a change
         }
         index = new_index;
@@ -85,11 +117,11 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
             nodes.extend(out.nodes);
         }
         let mut text = String::new();
-        if args.json {
+        if json {
             let doc = serde_json::json!({ "index": index, "nodes": nodes });
             text = serde_json::to_string(&doc).expect("serializes") + "\n";
         } else {
-            if args.watch {
+            if watch {
                 // Clear the screen between redraws on a terminal only: a pipe or a file
                 // gets the tables one after another, without escape codes.
                 if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -108,7 +140,7 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
         {
             return Ok(0);
         }
-        if !args.watch {
+        if !watch {
             return Ok(0);
         }
     }

@@ -453,10 +453,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         200
     );
 
-    let out = Command::new(rollcall_bin())
-        .args(["status", "--api", &server.api()])
-        .output()
-        .unwrap();
+    let out = status(&["--api", &server.api()]).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -472,8 +469,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         text.contains("front1") && text.contains("2 nodes in 2 roles"),
         "{text}"
     );
-    let out = Command::new(rollcall_bin())
-        .args(["status", "--api", &server.api()])
+    let out = status(&["--api", &server.api()])
         .env("ROLLCALL_ROLE", "appserver")
         .output()
         .unwrap();
@@ -485,8 +481,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_api = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
-    let out = Command::new(rollcall_bin())
-        .args(["status", "--api", &format!("{dead_api},{}", server.api())])
+    let out = status(&["--api", &format!("{dead_api},{}", server.api())])
         .output()
         .unwrap();
     assert!(
@@ -500,15 +495,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    let out = Command::new(rollcall_bin())
-        .args([
-            "status",
-            "--api",
-            &server.api(),
-            "--role",
-            "appserver",
-            "--json",
-        ])
+    let out = status(&["--api", &server.api(), "--role", "appserver", "--json"])
         .output()
         .unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -516,8 +503,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     assert_eq!(doc["nodes"][0]["node"], "app1");
 
     // --watch prints again when something changes.
-    let mut watch = Command::new(rollcall_bin())
-        .args(["status", "--api", &server.api(), "--json", "--watch"])
+    let mut watch = status(&["--api", &server.api(), "--json", "--watch"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -535,8 +521,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     watch.wait().unwrap();
 
     // The table form of --watch into a pipe: tables one after another, no escape codes.
-    let mut watch = Command::new(rollcall_bin())
-        .args(["status", "--api", &server.api(), "--watch"])
+    let mut watch = status(&["--api", &server.api(), "--watch"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -547,10 +532,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     watch.kill().unwrap();
     watch.wait().unwrap();
 
-    let out = Command::new(rollcall_bin())
-        .args(["status", "--api", "http://127.0.0.1:1"])
-        .output()
-        .unwrap();
+    let out = status(&["--api", "http://127.0.0.1:1"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach rollcall"));
 
@@ -561,8 +543,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         &dir.path().join("zones"),
         &["--token", "s3cret", "--token-reads"],
     );
-    let out = Command::new(rollcall_bin())
-        .args(["status", "--api", &guarded.api()])
+    let out = status(&["--api", &guarded.api()])
         .env_remove("ROLLCALL_TOKEN")
         .output()
         .unwrap();
@@ -574,8 +555,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     );
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "s3cret\n").unwrap();
-    let out = Command::new(rollcall_bin())
-        .args(["status", "--api", &guarded.api(), "--token-file"])
+    let out = status(&["--api", &guarded.api(), "--token-file"])
         .arg(&token_file)
         .output()
         .unwrap();
@@ -586,8 +566,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     );
     // The agent's environment (ROLLCALL_ROLE, as the images set it) does not filter status,
     // and an inherited ROLLCALL_TOKEN does not conflict with a --token-file given here.
-    let out = Command::new(rollcall_bin())
-        .args(["status", "--api", &guarded.api(), "--token-file"])
+    let out = status(&["--api", &guarded.api(), "--token-file"])
         .arg(&token_file)
         .env("ROLLCALL_TOKEN", "inherited-and-wrong")
         .env("ROLLCALL_ROLE", "appserver")
@@ -598,26 +577,24 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let both = Command::new(rollcall_bin())
-        .args([
-            "status",
-            "--api",
-            &guarded.api(),
-            "--token",
-            "s3cret",
-            "--token-file",
-        ])
+    let both = status(&["--api", &guarded.api(), "--token", "s3cret", "--token-file"])
         .arg(&token_file)
         .output()
         .unwrap();
     assert_eq!(both.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&both.stderr).contains("give one"));
-    let out = Command::new(rollcall_bin())
-        .args(["status", "--api", "https://127.0.0.1:8053"])
+    let out = status(&["--api", "https://127.0.0.1:8053"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("plain HTTP"));
+}
+
+/// `rollcall status` with `args`.
+fn status(args: &[&str]) -> Command {
+    let mut cmd = Command::new(rollcall_bin());
+    cmd.arg("status").args(args);
+    cmd
 }
 
 #[test]

@@ -27,13 +27,10 @@
 mod util;
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::unix::process::CommandExt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -291,165 +288,7 @@ fn mangle(name: &str) -> String {
 
 // ---------------------------------------------------------------------------------- NSD --
 
-/// A real NSD (`nsd -d`, in the foreground, in its own process group) on 127.0.0.1 and a
-/// free port, serving one zone file; stopped on drop through its PID.
-struct Nsd {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Nsd {
-    /// `minimal`: NSD's `minimal-responses` (yes in the benchmark; no adds the SRV targets'
-    /// addresses as additional data, which the test uses to check rollcall's).
-    fn start(zone: &str, zone_file: &Path, minimal: bool) -> Nsd {
-        let minimal = if minimal { "yes" } else { "no" };
-        let nsd = require("nsd");
-        let checkzone = require("nsd-checkzone");
-        let out = Command::new(checkzone)
-            .arg(zone)
-            .arg(zone_file)
-            .output()
-            .expect("running nsd-checkzone");
-        assert!(
-            out.status.success(),
-            "nsd-checkzone rejects the zone: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut failures = String::new();
-        // The port is free when picked but could be taken before NSD binds it: try again.
-        for _ in 0..5 {
-            let dir = tempfile::tempdir().unwrap();
-            let d = dir.path().display();
-            let port = free_port();
-            let conf = dir.path().join("nsd.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    r#"server:
-    ip-address: 127.0.0.1@{port}
-    port: {port}
-    do-ip6: no
-    server-count: 1
-    username: ""
-    chroot: ""
-    zonesdir: "{d}"
-    database: ""
-    zonelistfile: "{d}/zone.list"
-    xfrdfile: "{d}/xfrd.state"
-    xfrdir: "{d}"
-    pidfile: "{d}/nsd.pid"
-    logfile: "{d}/nsd.log"
-    verbosity: 1
-    minimal-responses: {minimal}
-    round-robin: yes
-    # Debian's NSD limits responses per source /24 (then drops and slips TC): off.
-    rrl-ratelimit: 0
-    rrl-whitelist-ratelimit: 0
-remote-control:
-    control-enable: no
-zone:
-    name: {zone}
-    zonefile: "{zf}"
-"#,
-                    zf = zone_file.display()
-                ),
-            )
-            .unwrap();
-            let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
-            let child = Command::new(&nsd)
-                .arg("-d")
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .process_group(0)
-                .spawn()
-                .expect("starting nsd");
-            let mut nsd = Nsd {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if nsd.child.try_wait().unwrap().is_some() {
-                    let _ = writeln!(failures, "nsd on port {port} exited: {}", nsd.logs());
-                    break;
-                }
-                if answers(nsd.addr, zone) {
-                    return nsd;
-                }
-                if Instant::now() > deadline {
-                    panic!("nsd did not answer within 20 s: {}", nsd.logs());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("nsd did not start:\n{failures}");
-    }
-
-    fn logs(&self) -> String {
-        let read = |f: &str| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
-        format!("log: {} stderr: {}", read("nsd.log"), read("stderr"))
-    }
-}
-
-impl Drop for Nsd {
-    fn drop(&mut self) {
-        // SIGTERM to the main process: NSD stops its server and xfrd processes and exits.
-        // Those run in the process group created for NSD (PGID = its PID); whatever is left
-        // of it afterwards gets SIGKILL. The main process is reaped last, so the group ID
-        // cannot have been reused by then.
-        let pid = self.child.id() as libc::pid_t;
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && !exited(pid) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-/// Whether child `pid` has exited, without reaping it.
-fn exited(pid: libc::pid_t) -> bool {
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
-    };
-    r == 0 && unsafe { info.si_pid() } == pid
-}
-
-/// A port free for both UDP and TCP on 127.0.0.1 right now.
-fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// Whether `server` answers a SOA query for `zone` over UDP and accepts TCP connections.
-fn answers(server: SocketAddr, zone: &str) -> bool {
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    sock.send_to(&query_msg(zone, RecordType::SOA, None), server)
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    sock.recv(&mut buf).is_ok()
-        && TcpStream::connect_timeout(&server, Duration::from_millis(200)).is_ok()
-}
+use util::nsd::{Nsd, NsdZone};
 
 // ----------------------------------------------------------------------------- rollcall --
 
@@ -914,8 +753,13 @@ fn check_additional(v: &View, who: &str) -> Option<String> {
 fn differential(frontservers: usize, appservers: usize) -> Tally {
     let ds = Dataset::generate(frontservers, appservers);
     let work = tempfile::tempdir().unwrap();
-    let mut nsd = Nsd::start(&ds.origin.to_ascii(), &ds.zone_file(), true);
-    let mut nsd_full = Nsd::start(&ds.origin.to_ascii(), &ds.zone_file(), false);
+    let (origin, file) = (ds.origin.to_ascii(), ds.zone_file());
+    let zone = [NsdZone {
+        name: &origin,
+        file: Some(&file),
+    }];
+    let mut nsd = Nsd::start(&zone, true);
+    let mut nsd_full = Nsd::start(&zone, false);
     let mut rollcall = start_rollcall(&ds, work.path());
 
     let servers = Servers {
@@ -986,8 +830,8 @@ fn differential(frontservers: usize, appservers: usize) -> Tally {
         rollcall.child.try_wait().unwrap().is_none(),
         "rollcall exited"
     );
-    assert!(nsd.child.try_wait().unwrap().is_none(), "nsd exited");
-    assert!(nsd_full.child.try_wait().unwrap().is_none(), "nsd exited");
+    assert!(nsd.running(), "nsd exited");
+    assert!(nsd_full.running(), "nsd exited");
     tally
 }
 

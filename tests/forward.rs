@@ -9,7 +9,6 @@ mod util;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -17,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
+use util::nsd::{Nsd, NsdZone};
 use util::{metric, query_msg, require, tcp_raw, ServeProc};
 
 fn free_udp_port() -> u16 {
@@ -58,93 +58,49 @@ fn rcode(m: &Option<Message>) -> Option<ResponseCode> {
     m.as_ref().map(|m| m.metadata.response_code)
 }
 
-struct Nsd {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
+/// NSD for example.test (zone below) and broken.test (no zone file: SERVFAIL). The zone
+/// file's directory lives as long as the NSD.
+struct Upstream {
+    nsd: Nsd,
+    _zones: tempfile::TempDir,
 }
 
-impl Nsd {
-    /// NSD for example.test (zone below) and broken.test (no zone file: SERVFAIL).
-    fn start() -> Nsd {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let mut zone = String::from(
-            "$ORIGIN example.test.\n$TTL 300\n@ IN SOA ns hostmaster 1 60 10 600 30\n@ IN NS ns\nns IN A 127.0.0.1\nwww IN A 192.0.2.10\nwww IN A 192.0.2.11\nshort 2 IN A 192.0.2.20\n",
-        );
-        for i in 1..=100 {
-            zone.push_str(&format!("big IN A 198.51.100.{i}\n"));
-        }
-        std::fs::write(dir.path().join("example.test.zone"), zone).unwrap();
-        let port = free_udp_port();
-        let conf = dir.path().join("nsd.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                r#"server:
-    ip-address: 127.0.0.1@{port}
-    port: {port}
-    do-ip6: no
-    server-count: 1
-    username: ""
-    chroot: ""
-    zonesdir: "{d}"
-    database: ""
-    zonelistfile: "{d}/zone.list"
-    xfrdfile: "{d}/xfrd.state"
-    xfrdir: "{d}"
-    pidfile: "{d}/nsd.pid"
-    logfile: "{d}/nsd.log"
-    rrl-ratelimit: 0
-    rrl-whitelist-ratelimit: 0
-remote-control:
-    control-enable: no
-zone:
-    name: example.test
-    zonefile: "{d}/example.test.zone"
-zone:
-    name: broken.test
-    zonefile: "{d}/missing.zone"
-"#
-            ),
-        )
-        .unwrap();
-        let child = Command::new(require("nsd"))
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("starting nsd");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let up = util::eventually(Duration::from_secs(20), || {
-            rcode(&ask(addr, "www.example.test.")) == Some(ResponseCode::NoError)
-        });
-        assert!(up, "nsd did not answer");
-        Nsd {
-            child,
-            addr,
-            _dir: dir,
-        }
+impl std::ops::Deref for Upstream {
+    type Target = Nsd;
+    fn deref(&self) -> &Nsd {
+        &self.nsd
     }
 }
 
-impl Drop for Nsd {
-    fn drop(&mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: signals to the process group this test created for NSD.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
-        let _ = self.child.wait();
+fn start_nsd() -> Upstream {
+    let dir = tempfile::tempdir().unwrap();
+    let mut zone = String::from(
+        "$ORIGIN example.test.\n$TTL 300\n@ IN SOA ns hostmaster 1 60 10 600 30\n@ IN NS ns\nns IN A 127.0.0.1\nwww IN A 192.0.2.10\nwww IN A 192.0.2.11\nshort 2 IN A 192.0.2.20\n",
+    );
+    for i in 1..=100 {
+        zone.push_str(&format!("big IN A 198.51.100.{i}\n"));
     }
+    let file = dir.path().join("example.test.zone");
+    std::fs::write(&file, zone).unwrap();
+    let nsd = Nsd::start(
+        &[
+            NsdZone {
+                name: "example.test",
+                file: Some(&file),
+            },
+            NsdZone {
+                name: "broken.test",
+                file: None,
+            },
+        ],
+        false,
+    );
+    assert_eq!(
+        rcode(&ask(nsd.addr, "www.example.test.")),
+        Some(ResponseCode::NoError),
+        "nsd answers www.example.test"
+    );
+    Upstream { nsd, _zones: dir }
 }
 
 /// Debian's dnsmasq on `port`: `other.test` and `broken.test` answered with `addr`, queries
@@ -241,7 +197,7 @@ fn serve(dir: &Path, args: &[&str]) -> ServeProc {
 
 #[test]
 fn forwarded_answers_rules_acl_and_cache() {
-    let nsd = Nsd::start();
+    let nsd = start_nsd();
     let dm = Dnsmasq::start("10.9.9.9");
     let dir = tempfile::tempdir().unwrap();
     let fwd_default = nsd.addr.to_string();
@@ -359,7 +315,7 @@ fn forwarded_answers_rules_acl_and_cache() {
 
 #[test]
 fn failover_on_timeout_servfail_and_refused_and_servfail_when_all_are_down() {
-    let nsd = Nsd::start();
+    let nsd = start_nsd();
     let dm = Dnsmasq::start("10.8.8.8");
     let (_quiet, quiet) = silent();
     let dir = tempfile::tempdir().unwrap();

@@ -135,7 +135,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn from_args(a: RegisterArgs) -> Result<Plan, String> {
-        let apis = crate::client::api_urls(&a.api)?;
+        let apis = crate::client::api_urls(&a.client.api)?;
 
         let role = Label::parse(&a.role).map_err(|e| format!("--role {:?} {e}", a.role))?;
         let node = match &a.node {
@@ -183,8 +183,8 @@ impl Plan {
             .map(parse_signal)
             .transpose()
             .map_err(|e| format!("--stop-signal {e}"))?;
-        let token =
-            crate::config::read_token(a.token, a.token_file.as_ref()).map_err(|e| e.to_string())?;
+        let token = crate::config::read_token(a.client.token, a.client.token_file.as_ref())
+            .map_err(|e| e.to_string())?;
         if let Some(t) = &token {
             if !t.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(

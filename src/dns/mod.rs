@@ -1,6 +1,9 @@
 //! The authoritative DNS server.
 //!
-//! - `snapshot.rs`: the immutable answer set and the builder that publishes it;
+//! - `snapshot.rs`: the immutable answer set (types only);
+//! - `builder.rs`: the [`Builder`], which owns what snapshots are made of and publishes them;
+//! - `role.rs`: one role's data, kept up to date change by change;
+//! - `encode.rs`: wire-format encoding of answer templates;
 //! - `wire.rs`: the query path (bytes in, bytes out) shared by UDP and TCP;
 //! - `udp.rs`: one `SO_REUSEPORT` socket per thread, a tight receive-answer-send loop;
 //! - `tcp.rs`: tokio tasks, one per connection, length-prefixed messages;
@@ -10,7 +13,10 @@
 //! Nothing here takes a lock while answering: readers load the current [`Snapshot`] from an
 //! `ArcSwap` that only the [`Builder`] stores into.
 
+pub mod builder;
+pub mod encode;
 pub mod forward;
+pub mod role;
 pub mod rrl;
 pub mod snapshot;
 pub mod tcp;
@@ -18,4 +24,5 @@ pub mod udp;
 pub mod wire;
 pub mod zones;
 
-pub use snapshot::{Builder, Snapshot, ZoneSettings};
+pub use builder::{Builder, ZoneSettings};
+pub use snapshot::Snapshot;

@@ -81,8 +81,47 @@ struct Edns {
     version: u8,
 }
 
+/// A query that passed the header checks: its question, whether it carried EDNS (and which
+/// version), and the largest response the transport allows.
+struct Parsed {
+    question: Question,
+    opt: bool,
+    edns_version: u8,
+    limit: usize,
+}
+
+/// A query that cannot be parsed far enough to have a question.
+enum Unparsed {
+    /// Not answered at all (a response packet, a runt).
+    Drop,
+    /// An error answer with the header only.
+    HeaderOnly(u8),
+}
+
+/// What a parsed query asks for, decided before a byte of the answer is written. Each kind has
+/// one responder in [`answer`]; "forward this" is [`Kind::NotOurs`] (the transport decides),
+/// and "transfer this" is [`Kind::Transfer`] (refused today).
+enum Kind<'s> {
+    /// An EDNS version rollcall does not speak: BADVERS.
+    BadVersion,
+    /// An error answer that echoes the question (FORMERR for qtype OPT, REFUSED for classes
+    /// other than IN and ANY).
+    Error(u8),
+    /// AXFR or IXFR of one of our zones.
+    Transfer,
+    /// A name in none of our zones.
+    NotOurs,
+    /// PTR (or ANY) of a reverse name outside our zones: a registered address, maybe.
+    Reverse(IpAddr),
+    /// A name in `zone`, whose apex starts at label `apex_label` of the question.
+    Authoritative { zone: &'s Zone, apex_label: usize },
+}
+
 /// Answers the query in `q` into `out` (cleared first). `rotation` is the caller's round-robin
 /// counter (one per thread or connection); it is advanced for multi-record answers.
+///
+/// Three steps: [`parse`] (header, question, EDNS), [`classify`] (which [`Kind`] of query,
+/// against the snapshot's zones), then the kind's responder.
 pub fn answer(
     snap: &Snapshot,
     q: &[u8],
@@ -91,61 +130,98 @@ pub fn answer(
     rotation: &mut u32,
 ) -> Outcome {
     out.clear();
+    let parsed = match parse(q, transport) {
+        Ok(p) => p,
+        Err(Unparsed::Drop) => return Outcome::Drop,
+        Err(Unparsed::HeaderOnly(rcode)) => return header_only(q, out, rcode),
+    };
+    let (question, opt, limit) = (&parsed.question, parsed.opt, parsed.limit);
+    match classify(snap, &parsed) {
+        Kind::Authoritative { zone, apex_label } => authoritative(
+            snap, q, question, zone, apex_label, out, limit, opt, rotation,
+        ),
+        Kind::BadVersion => {
+            // BADVERS (16): upper 8 bits of the extended rcode live in the OPT record.
+            start_response(q, question, out, RCODE_NOERROR);
+            push_opt(out, 1);
+            Outcome::Answered {
+                rcode: 16,
+                truncated: false,
+                qtype: question.qtype,
+            }
+        }
+        Kind::Error(rcode) => respond(q, question, out, rcode, opt),
+        Kind::Transfer => respond(q, question, out, RCODE_REFUSED, opt),
+        Kind::NotOurs => not_ours(respond(q, question, out, RCODE_REFUSED, opt)),
+        Kind::Reverse(addr) => answer_ptr(snap, q, question, addr, out, limit, opt),
+    }
+}
+
+/// Header checks, the question and EDNS: everything that can be read without the snapshot.
+fn parse(q: &[u8], transport: Transport) -> Result<Parsed, Unparsed> {
     if q.len() < 12 || q[2] & 0x80 != 0 {
-        return Outcome::Drop;
+        return Err(Unparsed::Drop);
     }
     let opcode = (q[2] >> 3) & 0x0f;
     let qdcount = u16::from_be_bytes([q[4], q[5]]);
     if opcode != 0 {
-        return header_only(q, out, RCODE_NOTIMP);
+        return Err(Unparsed::HeaderOnly(RCODE_NOTIMP));
     }
     if qdcount != 1 {
-        return header_only(q, out, RCODE_FORMERR);
+        return Err(Unparsed::HeaderOnly(RCODE_FORMERR));
     }
-    let Some(question) = parse_question(q) else {
-        return header_only(q, out, RCODE_FORMERR);
-    };
-    let edns = match parse_edns(q, question.end) {
-        Ok(e) => e,
-        Err(()) => return header_only(q, out, RCODE_FORMERR),
-    };
+    let question = parse_question(q).ok_or(Unparsed::HeaderOnly(RCODE_FORMERR))?;
+    let edns = parse_edns(q, question.end).map_err(|()| Unparsed::HeaderOnly(RCODE_FORMERR))?;
     let limit = match (transport, &edns) {
         (Transport::Tcp, _) => usize::from(u16::MAX),
         (Transport::Udp, None) => 512,
         (Transport::Udp, Some(e)) => usize::from(e.payload.clamp(512, MAX_UDP_PAYLOAD)),
     };
-    let opt = edns.is_some();
-    if edns.as_ref().is_some_and(|e| e.version > 0) {
-        // BADVERS (16): upper 8 bits of the extended rcode live in the OPT record.
-        start_response(q, &question, out, RCODE_NOERROR);
-        push_opt(out, 1);
-        return Outcome::Answered {
-            rcode: 16,
-            truncated: false,
-            qtype: question.qtype,
-        };
+    Ok(Parsed {
+        opt: edns.is_some(),
+        edns_version: edns.map_or(0, |e| e.version),
+        question,
+        limit,
+    })
+}
+
+/// Which kind of query this is, against the snapshot's zones.
+fn classify<'s>(snap: &'s Snapshot, parsed: &Parsed) -> Kind<'s> {
+    let question = &parsed.question;
+    if parsed.opt && parsed.edns_version > 0 {
+        return Kind::BadVersion;
     }
     if question.qtype == TYPE_OPT {
-        return respond(q, &question, out, RCODE_FORMERR, opt);
+        return Kind::Error(RCODE_FORMERR);
     }
     if question.qclass != CLASS_IN && question.qclass != CLASS_ANY {
-        return respond(q, &question, out, RCODE_REFUSED, opt);
+        return Kind::Error(RCODE_REFUSED);
     }
-
-    let name = &question.name[..question.len];
-    let Some((zone, apex_label)) = find_zone(snap, &question) else {
-        if question.qtype == TYPE_PTR || question.qtype == TYPE_ANY {
-            if let Some(addr) = reverse_addr(&question) {
-                return answer_ptr(snap, q, &question, addr, out, limit, opt);
-            }
+    match find_zone(snap, question) {
+        Some(_) if question.qtype == TYPE_AXFR || question.qtype == TYPE_IXFR => Kind::Transfer,
+        Some((zone, apex_label)) => Kind::Authoritative { zone, apex_label },
+        None if question.qtype == TYPE_PTR || question.qtype == TYPE_ANY => {
+            reverse_addr(question).map_or(Kind::NotOurs, Kind::Reverse)
         }
-        return not_ours(respond(q, &question, out, RCODE_REFUSED, opt));
-    };
-    if question.qtype == TYPE_AXFR || question.qtype == TYPE_IXFR {
-        return respond(q, &question, out, RCODE_REFUSED, opt);
+        None => Kind::NotOurs,
     }
+}
 
-    // Look the name up: apex, then the role's table, then the zone's static names.
+/// A name in one of our zones: the apex, then the role's data, then the zone's static names;
+/// a template, NODATA or NXDOMAIN.
+#[allow(clippy::too_many_arguments)]
+fn authoritative(
+    snap: &Snapshot,
+    q: &[u8],
+    question: &Question,
+    zone: &Zone,
+    apex_label: usize,
+    out: &mut Vec<u8>,
+    limit: usize,
+    opt: bool,
+    rotation: &mut u32,
+) -> Outcome {
+    let name = &question.name[..question.len];
     let dynamic: Option<&Entry> = if zone.dynamic && apex_label > 0 {
         let role_at = usize::from(question.labels[apex_label - 1]);
         let role_len = usize::from(name[role_at]);
@@ -161,12 +237,12 @@ pub fn answer(
         zone.names.get(name)
     };
     if dynamic.is_none() && fixed.is_none() {
-        return negative(q, &question, zone, apex_label, out, RCODE_NXDOMAIN, opt);
+        return negative(q, question, zone, apex_label, out, RCODE_NXDOMAIN, opt);
     }
     match pick(dynamic, question.qtype, rotation).or_else(|| pick(fixed, question.qtype, rotation))
     {
-        Some((t, shift)) => from_template(q, &question, t, shift, out, limit, opt),
-        None => negative(q, &question, zone, apex_label, out, RCODE_NOERROR, opt),
+        Some((t, shift)) => from_template(q, question, t, shift, out, limit, opt),
+        None => negative(q, question, zone, apex_label, out, RCODE_NOERROR, opt),
     }
 }
 

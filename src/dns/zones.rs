@@ -11,25 +11,13 @@ use std::sync::Arc;
 use hickory_proto::rr::{Name, RData, Record, RecordSet, RecordType, RrKey};
 use hickory_proto::serialize::txt::Parser;
 
-use super::snapshot::{encode_records, wire_name, Entry, RrSet};
-
-/// The SOA fields of a zone file.
-#[derive(Clone, Debug)]
-pub struct SoaParts {
-    pub mname: Name,
-    pub rname: Name,
-    pub serial: u32,
-    pub refresh: i32,
-    pub retry: i32,
-    pub expire: i32,
-    pub minimum: u32,
-    pub ttl: u32,
-}
+use super::encode::{encode_records, wire_name};
+use super::snapshot::{Entry, RrSet, Soa};
 
 pub struct StaticZone {
     pub origin: Name,
     pub path: PathBuf,
-    pub soa: SoaParts,
+    pub soa: Soa,
     /// The apex's own RRsets but the SOA (whose serial the builder sets), pre-encoded.
     pub apex: Vec<RrSet>,
     /// Every name below the apex (and empty non-terminals), pre-encoded.
@@ -134,7 +122,7 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
                 ..
             }) = set.records_without_rrsigs().next()
             {
-                soa = Some(SoaParts {
+                soa = Some(Soa {
                     mname: s.mname.clone(),
                     rname: s.rname.clone(),
                     serial: s.serial,

@@ -87,7 +87,13 @@ impl SyncConfig {
             )
         })?;
         let mut role_urls = Vec::new();
-        for api_s in a.api.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        for api_s in a
+            .client
+            .api
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+        {
             role_urls.push(role_url_of(api_s, &role)?);
         }
         let Some(role_url) = role_urls.first().cloned() else {
@@ -166,12 +172,12 @@ impl SyncConfig {
         let interval = parse_duration(&a.interval)
             .map_err(|e| format!("--interval {e}; 0 turns the periodic re-read off"))?;
         let interval = (!interval.is_zero()).then_some(interval);
-        let token =
-            crate::config::read_token(a.token, a.token_file.as_ref()).map_err(|e| e.to_string())?;
+        let token = crate::config::read_token(a.client.token, a.client.token_file.as_ref())
+            .map_err(|e| e.to_string())?;
         Ok(SyncConfig {
             role_url,
             role_urls,
-            api: a.api.join(","),
+            api: a.client.api.join(","),
             role,
             redis,
             redis_shown,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod nsd;
 pub mod process;
 
 use std::io::{BufRead, BufReader, Read, Write};
