@@ -104,6 +104,12 @@ impl NodeList {
         i.min(self.chunks.len().saturating_sub(1))
     }
 
+    /// How many chunks there are (tests).
+    #[cfg(test)]
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
     /// Chunks shared with `other` (tests: a change copies only what it touches).
     #[cfg(test)]
     pub fn shared_chunks(&self, other: &NodeList) -> usize {

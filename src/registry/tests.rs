@@ -479,3 +479,40 @@ async fn blocking_queries_answer_when_the_registry_stops() {
         .unwrap();
     assert_eq!(r.err(), Some(RegistryError::Closed));
 }
+
+/// A change to one node of a big role publishes a node list that shares every chunk but one
+/// with the list before (readers of the old view keep theirs unchanged): publishing does not
+/// copy the role.
+#[tokio::test(start_paused = true)]
+async fn one_change_in_a_big_role_copies_one_chunk_of_its_node_list() {
+    let (reg, rec, _t) = start(Limits::default());
+    let mut pending = Vec::new();
+    for i in 0..5000u32 {
+        let reg = reg.clone();
+        pending.push(tokio::spawn(async move {
+            let addr = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            reg.put(key("big", &format!("n{i:04}")), spec(&addr, 600))
+                .await
+                .unwrap();
+        }));
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    let big = Label::parse("big").unwrap();
+    let before = reg.view().unwrap();
+    let old = before.roles[&big].clone();
+    assert_eq!(old.nodes.len(), 5000);
+    reg.put(key("big", "n2500"), spec("10.9.9.9", 600))
+        .await
+        .unwrap();
+    assert_eq!(rec.last().1, vec![("big".into(), 5000)]);
+    let after = reg.view().unwrap();
+    let new = &after.roles[&big];
+    let chunks = old.nodes.chunk_count();
+    assert!(chunks > 20, "{chunks} chunks");
+    assert_eq!(new.nodes.shared_chunks(&old.nodes), chunks - 1);
+    let n = Label::parse("n2500").unwrap();
+    assert_eq!(new.nodes.get(&n).unwrap().spec.addr.to_string(), "10.9.9.9");
+    assert_eq!(old.nodes.get(&n).unwrap().spec.addr.to_string(), "10.0.9.196");
+}
