@@ -125,7 +125,8 @@ fn bench(c: &mut Criterion) {
             .zip(&many_specs[..n])
             .map(|(l, s)| (l, Some(s)))
             .collect();
-        build.apply(&all);
+        let mut reverse = rollcall::dns::snapshot::ReverseIndex::default();
+        build.apply(&all, &mut reverse);
         let mut weight = 0u16;
         c.bench_function(&format!("role_change/1 of {n} nodes"), |b| {
             b.iter(|| {
@@ -134,7 +135,7 @@ fn bench(c: &mut Criterion) {
                     weight,
                     ..many_specs[n / 2].clone()
                 };
-                build.apply(&[(&many[n / 2], Some(&changed))]);
+                build.apply(&[(&many[n / 2], Some(&changed))], &mut reverse);
                 black_box(build.data())
             })
         });

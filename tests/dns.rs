@@ -339,6 +339,18 @@ async fn ptr_for_registered_addresses() {
         let got: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
         assert_eq!(got, [format!("n{i}.app.cluster.")], "{q}");
     }
+
+    // The reverse index follows changes: a node that leaves or moves leaves its old address.
+    assert_eq!(s.delete("app", "a1").await, 204);
+    s.put("db", "d2", r#"{"addr":"10.0.0.8"}"#).await;
+    let ptr = |q: &str| -> Vec<String> {
+        let m = udp_query(s.dns(), q, RecordType::PTR, None);
+        let mut v: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ptr("7.0.0.10.in-addr.arpa."), ["a2.app.cluster."]);
+    assert_eq!(ptr("8.0.0.10.in-addr.arpa."), ["d2.db.cluster."]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

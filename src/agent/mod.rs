@@ -424,14 +424,25 @@ mod tests {
 
     #[test]
     fn node_defaults_to_the_host_name() {
-        let host = host_name().unwrap();
-        match default_node_name() {
-            Ok(l) => assert_eq!(
-                l.as_str(),
-                host.split('.').next().unwrap().to_ascii_lowercase()
-            ),
-            Err(e) => assert!(e.contains("--node"), "{e}"),
+        use super::plan::node_name_from_host;
+        assert_eq!(
+            node_name_from_host("web-1.example.com").unwrap().as_str(),
+            "web-1"
+        );
+        assert_eq!(node_name_from_host("WEB-1").unwrap().as_str(), "web-1");
+        for bad in ["WEB_1", "-x", "", ".example.com"] {
+            let e = node_name_from_host(bad).unwrap_err();
+            assert!(
+                e.contains("--node NAME") && e.contains(&format!("{bad:?}")),
+                "{bad:?}: {e}"
+            );
         }
+        // This machine's own name goes through the same function.
+        let host = host_name().unwrap();
+        assert_eq!(
+            default_node_name().map(|l| l.to_string()),
+            node_name_from_host(&host).map(|l| l.to_string())
+        );
     }
 
     #[test]

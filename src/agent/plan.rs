@@ -103,6 +103,11 @@ pub fn default_node_name() -> Result<Label, String> {
     let host = host_name().map_err(|e| {
         format!("--node is not given and the host name cannot be read ({e}): pass --node NAME")
     })?;
+    node_name_from_host(&host)
+}
+
+/// A host name's first label as a node name (lower-cased), or why it cannot be one.
+pub fn node_name_from_host(host: &str) -> Result<Label, String> {
     let first = host.split('.').next().unwrap_or("");
     Label::parse(first).map_err(|e| {
         format!(

@@ -19,7 +19,9 @@ use crate::registry::{Publish, RoleView};
 
 use super::encode::{encode_records, wire_name};
 use super::role::RoleBuild;
-use super::snapshot::{Entry, RoleData, RrSet, Snapshot, Soa, Zone, TYPE_NS, TYPE_SOA};
+use super::snapshot::{
+    Entry, ReverseIndex, RoleData, RrSet, Snapshot, Soa, Zone, TYPE_NS, TYPE_SOA,
+};
 use super::zones::StaticZone;
 
 /// Settings for the apex of the dynamic zone.
@@ -64,6 +66,8 @@ pub struct Builder {
     roles: HashMap<Box<[u8]>, Arc<RoleData>>,
     /// Each role's builder, which keeps what a change is applied to.
     builds: HashMap<Box<[u8]>, RoleBuild>,
+    /// Every node's reverse entry, kept in step by the role builders.
+    reverse: ReverseIndex,
     statics: Vec<StaticZone>,
     /// The zones of `statics` other than the dynamic one, encoded once per load.
     static_zones: Vec<Arc<Zone>>,
@@ -86,6 +90,7 @@ impl Builder {
             zone_wire,
             roles: HashMap::new(),
             builds: HashMap::new(),
+            reverse: ReverseIndex::default(),
             statics,
             static_zones,
             default_names,
@@ -95,6 +100,7 @@ impl Builder {
             out: Arc::new(ArcSwap::from_pointee(Snapshot {
                 zones: Vec::new(),
                 roles: HashMap::new(),
+                reverse: ReverseIndex::default(),
                 index: 0,
             })),
         };
@@ -127,7 +133,7 @@ impl Builder {
             let build = self.builds.entry(key.clone()).or_insert_with(|| {
                 RoleBuild::new(&self.zone_wire, view.role, self.settings.record_ttl)
             });
-            build.apply(&view.changed);
+            build.apply(&view.changed, &mut self.reverse);
             if build.is_empty() {
                 self.builds.remove(&key);
                 self.roles.remove(&key);
@@ -202,6 +208,7 @@ impl Builder {
         self.out.store(Arc::new(Snapshot {
             zones,
             roles: self.roles.clone(),
+            reverse: self.reverse.clone(),
             index: self.index,
         }));
     }

@@ -9,7 +9,9 @@ use crate::registry::{Label, NodeSpec};
 use super::encode::{
     addr_rdata, addr_type, header, prepend, question, rr_named, rr_ptr_owner, MAX_POINTER,
 };
-use super::snapshot::{Entry, RoleData, RrSet, Template, TYPE_A, TYPE_AAAA, TYPE_SRV};
+use super::snapshot::{
+    Entry, ReverseIndex, RoleData, RrSet, Template, TYPE_A, TYPE_AAAA, TYPE_SRV,
+};
 
 /// How many rotations of an SRV set are pre-encoded (its records differ in size and its glue
 /// points into them, so it cannot be rotated in place). Queries cycle through them.
@@ -180,12 +182,12 @@ impl RoleBuild {
         self.data.clone()
     }
 
-    /// Applies changed nodes: a spec (added or changed) or `None` (gone).
-    pub fn apply(&mut self, changed: &[(&Label, Option<&NodeSpec>)]) {
+    /// Applies changed nodes: a spec (added or changed) or `None` (gone). `reverse` is the
+    /// zone-wide reverse index (address -> node names), shared by every role, kept in step.
+    pub fn apply(&mut self, changed: &[(&Label, Option<&NodeSpec>)], reverse: &mut ReverseIndex) {
         let mut data = RoleData {
             names: HashMap::new(),
             nodes: self.data.nodes.clone(),
-            addrs: self.data.addrs.clone(),
         };
         for (label, spec) in changed {
             if let Some(old) = self.nodes.remove(*label) {
@@ -196,10 +198,10 @@ impl RoleBuild {
                     }
                 }
                 data.nodes.remove(&old.name[..]);
-                if let Some(mut list) = data.addrs.remove(&old.addr) {
+                if let Some(mut list) = reverse.remove(&old.addr) {
                     list.retain(|(name, _)| *name != old.name);
                     if !list.is_empty() {
-                        data.addrs.insert(old.addr, list);
+                        reverse.insert(old.addr, list);
                     }
                 }
             }
@@ -219,10 +221,10 @@ impl RoleBuild {
             };
             let set = address_set(&n.name, addr_type(n.addr), &[&n]);
             data.nodes.insert(n.name.clone(), Entry { sets: vec![set] });
-            let mut list = data.addrs.remove(&n.addr).unwrap_or_default();
+            let mut list = reverse.remove(&n.addr).unwrap_or_default();
             let at = list.partition_point(|(name, _)| *name < n.name);
             list.insert(at, (n.name.clone(), n.ttl));
-            data.addrs.insert(n.addr, list);
+            reverse.insert(n.addr, list);
             self.nodes.insert((*label).clone(), n);
         }
         data.names = self.role_names();
@@ -281,18 +283,20 @@ impl RoleBuild {
     }
 }
 
-/// Builds the answers of one role under `zone` (wire apex) from scratch.
+/// Builds the answers of one role under `zone` (wire apex) from scratch, with the reverse
+/// entries of its nodes.
 pub fn build_role(
     zone: &[u8],
     role: &Label,
     nodes: &[(&Label, &NodeSpec)],
     record_ttl: u32,
-) -> RoleData {
+) -> (RoleData, ReverseIndex) {
     let mut build = RoleBuild::new(zone, role, record_ttl);
+    let mut reverse = ReverseIndex::default();
     let changed: Vec<(&Label, Option<&NodeSpec>)> =
         nodes.iter().map(|(l, s)| (*l, Some(*s))).collect();
-    build.apply(&changed);
-    Arc::unwrap_or_clone(build.data)
+    build.apply(&changed, &mut reverse);
+    (Arc::unwrap_or_clone(build.data), reverse)
 }
 
 #[cfg(test)]
@@ -333,7 +337,7 @@ mod tests {
         BTreeMap<IpAddr, Vec<(Box<[u8]>, u32)>>,
     );
 
-    fn answers(d: &RoleData) -> Answers {
+    fn answers(d: &RoleData, reverse: &ReverseIndex) -> Answers {
         let mut names = BTreeMap::new();
         for (k, e) in d.names.iter().chain(d.nodes.iter()) {
             assert!(
@@ -341,7 +345,7 @@ mod tests {
                 "a name twice"
             );
         }
-        let addrs = d.addrs.iter().map(|(a, l)| (*a, l.clone())).collect();
+        let addrs = reverse.iter().map(|(a, l)| (*a, l.clone())).collect();
         (names, addrs)
     }
 
@@ -364,7 +368,8 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (seed >> 33) % n
         };
-        let mut kept: Vec<(Arc<RoleData>, Answers)> = Vec::new();
+        let mut reverse = ReverseIndex::default();
+        let mut kept: Vec<(Arc<RoleData>, ReverseIndex, Answers)> = Vec::new();
         for round in 0..300 {
             let mut batch: BTreeMap<Label, Option<NodeSpec>> = BTreeMap::new();
             for _ in 0..=rand(if round < 20 { 40 } else { 4 }) {
@@ -392,18 +397,18 @@ mod tests {
             }
             let changed: Vec<(&Label, Option<&NodeSpec>)> =
                 batch.iter().map(|(l, s)| (l, s.as_ref())).collect();
-            build.apply(&changed);
+            build.apply(&changed, &mut reverse);
             let all: Vec<(&Label, &NodeSpec)> = model.iter().collect();
-            let fresh = build_role(&zone, &role, &all, 5);
-            let got = answers(&build.data());
-            assert_eq!(got, answers(&fresh), "round {round}");
+            let (fresh, fresh_reverse) = build_role(&zone, &role, &all, 5);
+            let got = answers(&build.data(), &reverse);
+            assert_eq!(got, answers(&fresh, &fresh_reverse), "round {round}");
             assert_eq!(build.is_empty(), model.is_empty());
             if round % 50 == 0 {
-                kept.push((build.data(), got));
+                kept.push((build.data(), reverse.clone(), got));
             }
         }
-        for (data, want) in kept {
-            assert_eq!(answers(&data), want, "published data changed");
+        for (data, reverse, want) in kept {
+            assert_eq!(answers(&data, &reverse), want, "published data changed");
         }
     }
 
@@ -426,20 +431,22 @@ mod tests {
             .zip(&specs)
             .map(|(l, s)| (l, Some(s)))
             .collect();
-        build.apply(&all);
+        let mut reverse = ReverseIndex::default();
+        build.apply(&all, &mut reverse);
         let before = build.data();
+        let reverse_before = reverse.clone();
         let moved = NodeSpec {
             weight: 7,
             ..specs[123].clone()
         };
-        build.apply(&[(&labels[123], Some(&moved))]);
+        build.apply(&[(&labels[123], Some(&moved))], &mut reverse);
         let after = build.data();
         let shards = before.nodes.shard_count();
         assert!(shards >= 256, "{shards} shards for 20,000 nodes");
         assert_eq!(after.nodes.shared_shards(&before.nodes), shards - 1);
         assert_eq!(
-            after.addrs.shared_shards(&before.addrs),
-            after.addrs.shard_count() - 1
+            reverse.shared_shards(&reverse_before),
+            reverse.shard_count() - 1
         );
         assert_eq!(after.nodes.len(), 20_000);
         // The role-wide SRV sets are cut to one TCP message; each rotation starts elsewhere.

@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub zones: Vec<Arc<Zone>>,
     /// Dynamic data of the first zone, keyed by role label (lower case, no length byte).
     pub roles: HashMap<Box<[u8]>, Arc<RoleData>>,
+    /// Reverse data of every registered node.
+    pub reverse: ReverseIndex,
     /// The generation index of the registry this snapshot reflects.
     pub index: u64,
 }
@@ -61,13 +63,14 @@ pub struct RoleData {
     pub names: HashMap<Box<[u8]>, Entry>,
     /// `node.role.zone` -> its address record, sharded so that a change copies one shard.
     pub nodes: Shards<Box<[u8]>, Entry>,
-    /// Reverse data: address -> (node's absolute wire name, ttl) of each node with it, sorted
-    /// by name. A PTR lookup is a hash lookup per role, not a scan of every node.
-    pub addrs: Shards<IpAddr, Vec<Reverse>>,
 }
 
 /// One name a reverse lookup answers: a node's absolute wire name and its TTL.
 pub type Reverse = (Box<[u8]>, u32);
+
+/// Address -> the names of every registered node with it (any role), sorted by name. A PTR
+/// query is one hash lookup, whatever the number of roles and nodes.
+pub type ReverseIndex = Shards<IpAddr, Vec<Reverse>>;
 
 impl RoleData {
     /// The entry of a name under this role. `depth` is how many labels precede the zone's

@@ -625,11 +625,11 @@ fn answer_ptr(
     let mut found = 0u16;
     write_header(q, out, RCODE_NOERROR, true, [1, 0, 0, 0]);
     out.extend_from_slice(&q[12..question.end]);
-    for role in snap.roles.values() {
-        let Some(names) = role.addrs.get(&addr) else {
-            continue;
-        };
+    if let Some(names) = snap.reverse.get(&addr) {
         for (name, ttl) in names {
+            if out.len() > limit {
+                break; // truncated below: no need to write what cannot be sent
+            }
             out.extend_from_slice(&[0xC0, 12, 0, TYPE_PTR as u8, 0, 1]);
             out.extend_from_slice(&ttl.to_be_bytes());
             out.extend_from_slice(&(name.len() as u16).to_be_bytes());

@@ -514,5 +514,8 @@ async fn one_change_in_a_big_role_copies_one_chunk_of_its_node_list() {
     assert_eq!(new.nodes.shared_chunks(&old.nodes), chunks - 1);
     let n = Label::parse("n2500").unwrap();
     assert_eq!(new.nodes.get(&n).unwrap().spec.addr.to_string(), "10.9.9.9");
-    assert_eq!(old.nodes.get(&n).unwrap().spec.addr.to_string(), "10.0.9.196");
+    assert_eq!(
+        old.nodes.get(&n).unwrap().spec.addr.to_string(),
+        "10.0.9.196"
+    );
 }
