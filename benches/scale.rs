@@ -112,19 +112,20 @@ async fn main() {
     // end to end, and the builder's update alone.
     let mut publish = Vec::new();
     for i in 0..200 {
-        let role = Label::parse(&format!("role{}", i % roles)).unwrap();
-        let nodes: Vec<(Label, NodeSpec)> = (0..per_role)
-            .map(|n| (Label::parse(&format!("node{n}")).unwrap(), spec(n)))
-            .collect();
-        // One node of the role changes (its weight): the incremental path.
+        let r = i % roles;
+        let role = Label::parse(&format!("role{r}")).unwrap();
+        // One node of the role changes (its weight only, as registered otherwise): the
+        // incremental path.
+        let n = i % per_role;
+        let node = Label::parse(&format!("node{n}")).unwrap();
         let changed = NodeSpec {
             weight: (i % 60_000) as u16 + 2,
-            ..nodes[i % per_role].1.clone()
+            ..spec(r * per_role + n)
         };
         let view = rollcall::registry::RoleView {
             role: &role,
             len: per_role,
-            changed: vec![(&nodes[i % per_role].0, Some(&changed))],
+            changed: vec![(&node, Some(&changed))],
         };
         let t = Instant::now();
         builder

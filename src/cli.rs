@@ -523,8 +523,9 @@ pub struct ServeArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ApiArgs {
     /// URL of the rollcall HTTP API; several (comma-separated or repeated) for servers that
-    /// share etcd: the client uses one and moves to the next when it fails (a connect error, a
-    /// 2 s timeout, a 5xx, a silent session).
+    /// share etcd. register and hipache-sync stick to one and move to the next when it fails
+    /// (a connect error, a 2 s timeout, a 5xx, a silent session); status uses the first that
+    /// answers /healthz.
     #[arg(
         long,
         env = "ROLLCALL_API",

@@ -17,25 +17,6 @@ use super::snapshot::{
 /// points into them, so it cannot be rotated in place). Queries cycle through them.
 const MAX_ROTATIONS: usize = 4;
 
-/// Rotation `r` of `n` items out of `k`: the index the rotation starts at.
-fn rotation_start(r: usize, n: usize, k: usize) -> usize {
-    r * n / k
-}
-
-fn rotations<T>(
-    items: &[T],
-    mut encode: impl FnMut(&mut dyn Iterator<Item = &T>) -> Template,
-) -> Arc<[Template]> {
-    let n = items.len();
-    let k = n.clamp(1, MAX_ROTATIONS);
-    (0..k)
-        .map(|r| {
-            let start = rotation_start(r, n, k);
-            encode(&mut items[start..].iter().chain(items[..start].iter()))
-        })
-        .collect()
-}
-
 /// One node as the DNS sees it.
 #[derive(Clone)]
 struct DnsNode {
@@ -103,74 +84,109 @@ fn address_set(owner: &[u8], rtype: u16, nodes: &[&DnsNode]) -> RrSet {
     }
 }
 
-/// SRV answer at `owner` for `nodes`, with every target's address as additional data. Each
-/// rotation holds as many SRV records as fit in one TCP message, then as much glue as fits.
+/// SRV answer at `owner` for `nodes`, with every target's address as additional data.
+///
+/// A set that fits in one TCP message gets up to [`MAX_ROTATIONS`] rotations, each starting at
+/// a different node. A bigger one is cut into windows of as many SRV records as fit (then as
+/// much glue as fits), one after another, so that the windows together cover every node (up to
+/// [`MAX_WINDOWS`] of them: about 27,000 nodes with short names); queries cycle through them.
 fn srv_set(owner: &[u8], nodes: &[&DnsNode]) -> RrSet {
+    let n = nodes.len();
     let ttl = nodes.iter().map(|n| n.ttl).min().unwrap_or(0);
     let estimate = nodes
         .iter()
         .map(|n| 2 + 10 + 6 + n.name.len() + 16)
         .sum::<usize>();
     let capacity = (12 + owner.len() + 4 + estimate).min(MAX_MESSAGE);
-    let rotations = rotations(nodes, |it| {
-        let mut out = Vec::with_capacity(capacity);
-        header(&mut out, 0, 0);
-        question(&mut out, owner, TYPE_SRV);
-        let mut answered: Vec<(&DnsNode, usize)> = Vec::new();
-        for n in it {
-            let n: &DnsNode = n;
-            // Owner pointer, type..rdlength, priority/weight/port, target.
-            if out.len() + 2 + 10 + 6 + n.name.len() > MAX_MESSAGE {
-                break;
-            }
-            rr_ptr_owner(&mut out, 12, TYPE_SRV, ttl, |o| {
-                o.extend_from_slice(&0u16.to_be_bytes());
-                o.extend_from_slice(&n.weight.to_be_bytes());
-                o.extend_from_slice(&n.port.unwrap_or(0).to_be_bytes());
-                // RFC 2782: the target is not compressed.
-                answered.push((n, o.len()));
-                o.extend_from_slice(&n.name);
-            });
+    let from = |start: usize| {
+        let it = nodes[start..].iter().chain(nodes[..start].iter()).copied();
+        srv_message(owner, ttl, it, capacity)
+    };
+    let (first, fitted) = from(0);
+    let mut rotations = vec![first];
+    if fitted >= n {
+        let k = n.clamp(1, MAX_ROTATIONS);
+        rotations.extend((1..k).map(|r| from(r * n / k).0));
+    } else {
+        let mut start = fitted;
+        while start < n && rotations.len() < MAX_WINDOWS {
+            let (t, fitted) = from(start);
+            rotations.push(t);
+            start += fitted.max(1);
         }
-        let answer_end = out.len() as u32;
-        let mut additional_ends = Vec::with_capacity(answered.len());
-        for (n, at) in &answered {
-            let addr_len = if n.addr.is_ipv4() { 4 } else { 16 };
-            let owner_len = if *at <= MAX_POINTER { 2 } else { n.name.len() };
-            if out.len() + owner_len + 10 + addr_len > MAX_MESSAGE {
-                break;
-            }
-            if *at <= MAX_POINTER {
-                rr_ptr_owner(&mut out, *at, addr_type(n.addr), ttl, |o| {
-                    addr_rdata(o, n.addr)
-                });
-            } else {
-                // A compression pointer reaches only the first 16 KiB of a message.
-                rr_named(&mut out, &n.name, addr_type(n.addr), ttl, |o| {
-                    addr_rdata(o, n.addr)
-                });
-            }
-            additional_ends.push(out.len() as u32);
-        }
-        out[6..8].copy_from_slice(&(answered.len() as u16).to_be_bytes());
-        out[10..12].copy_from_slice(&(additional_ends.len() as u16).to_be_bytes());
-        Template {
-            bytes: out.into_boxed_slice(),
-            answer_end,
-            additional_ends: additional_ends.into(),
-            fixed_rr: 0,
-        }
-    });
+    }
     RrSet {
         rtype: TYPE_SRV,
-        rotations,
+        rotations: rotations.into(),
     }
+}
+
+/// Windows of a role too big for one message: at most this many.
+const MAX_WINDOWS: usize = 16;
+
+/// One SRV response: as many of `nodes` (in order) as fit in one TCP message, then as much of
+/// their glue as fits. Returns the template and how many SRV records it holds.
+fn srv_message<'a>(
+    owner: &[u8],
+    ttl: u32,
+    nodes: impl Iterator<Item = &'a DnsNode>,
+    capacity: usize,
+) -> (Template, usize) {
+    let mut out = Vec::with_capacity(capacity);
+    header(&mut out, 0, 0);
+    question(&mut out, owner, TYPE_SRV);
+    let mut answered: Vec<(&DnsNode, usize)> = Vec::new();
+    for n in nodes {
+        // Owner pointer, type..rdlength, priority/weight/port, target.
+        if out.len() + 2 + 10 + 6 + n.name.len() > MAX_MESSAGE {
+            break;
+        }
+        rr_ptr_owner(&mut out, 12, TYPE_SRV, ttl, |o| {
+            o.extend_from_slice(&0u16.to_be_bytes());
+            o.extend_from_slice(&n.weight.to_be_bytes());
+            o.extend_from_slice(&n.port.unwrap_or(0).to_be_bytes());
+            // RFC 2782: the target is not compressed.
+            answered.push((n, o.len()));
+            o.extend_from_slice(&n.name);
+        });
+    }
+    let answer_end = out.len() as u32;
+    let mut additional_ends = Vec::with_capacity(answered.len());
+    for (n, at) in &answered {
+        let addr_len = if n.addr.is_ipv4() { 4 } else { 16 };
+        let owner_len = if *at <= MAX_POINTER { 2 } else { n.name.len() };
+        if out.len() + owner_len + 10 + addr_len > MAX_MESSAGE {
+            break;
+        }
+        if *at <= MAX_POINTER {
+            rr_ptr_owner(&mut out, *at, addr_type(n.addr), ttl, |o| {
+                addr_rdata(o, n.addr)
+            });
+        } else {
+            // A compression pointer reaches only the first 16 KiB of a message.
+            rr_named(&mut out, &n.name, addr_type(n.addr), ttl, |o| {
+                addr_rdata(o, n.addr)
+            });
+        }
+        additional_ends.push(out.len() as u32);
+    }
+    out[6..8].copy_from_slice(&(answered.len() as u16).to_be_bytes());
+    out[10..12].copy_from_slice(&(additional_ends.len() as u16).to_be_bytes());
+    let t = Template {
+        bytes: out.into_boxed_slice(),
+        answer_end,
+        additional_ends: additional_ends.into(),
+        fixed_rr: 0,
+    };
+    (t, answered.len())
 }
 
 /// The DNS data of one role, kept up to date change by change: a node's own records and its
 /// reverse entry are patched in place (copying one shard), and only the role-wide sets
 /// (`role.zone` A/AAAA/SRV, `_svc._tcp.role.zone` SRV) are encoded again, from the nodes kept
-/// here. A change to one node of a 20,000-node role therefore copies no per-node data.
+/// here. A change to one node of a 20,000-node role copies no other node's records; the
+/// role-wide sets still cost O(role size) to encode (every node's address, and up to
+/// [`MAX_WINDOWS`] messages of SRV per set).
 pub struct RoleBuild {
     /// `role.zone` in wire form.
     role_name: Box<[u8]>,
@@ -469,18 +485,30 @@ mod tests {
             reverse.shard_count() - 1
         );
         assert_eq!(after.nodes.len(), 20_000);
-        // The role-wide SRV sets are cut to one TCP message; each rotation starts elsewhere.
+        // The role-wide SRV set is cut into windows of one TCP message each, which together
+        // name every node.
         let srv = after.names[&*build.role_name].get(TYPE_SRV).unwrap();
-        let mut firsts = BTreeMap::new();
+        let mut targets = std::collections::BTreeSet::new();
         for t in srv.rotations.iter() {
             assert!(t.bytes.len() <= MAX_MESSAGE, "{} bytes", t.bytes.len());
-            let an = u16::from_be_bytes([t.bytes[6], t.bytes[7]]);
-            assert!(an > 1000, "{an} SRV records");
-            firsts.insert(
-                t.bytes[t.answer_end as usize - 30..t.answer_end as usize].to_vec(),
-                an,
-            );
+            let m = hickory_proto::op::Message::from_vec(&t.bytes).expect("decodes");
+            assert!(m.answers.len() > 1000, "{} SRV records", m.answers.len());
+            targets.extend(m.answers.iter().map(|r| r.data.to_string()));
         }
-        assert_eq!(firsts.len(), MAX_ROTATIONS, "rotations differ");
+        assert!(srv.rotations.len() <= MAX_WINDOWS);
+        assert_eq!(targets.len(), 20_000, "the windows cover the role");
+
+        // Removing most nodes shrinks the shard tables again (clones stay cheap).
+        let gone: Vec<(&Label, Option<&NodeSpec>)> =
+            labels[100..].iter().map(|l| (l, None)).collect();
+        build.apply(&gone, &mut reverse);
+        assert_eq!(build.data().nodes.len(), 100);
+        assert!(
+            build.data().nodes.shard_count() <= 8,
+            "{}",
+            build.data().nodes.shard_count()
+        );
+        assert!(reverse.shard_count() <= 8, "{}", reverse.shard_count());
+        assert_eq!(reverse.len(), 100);
     }
 }

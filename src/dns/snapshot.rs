@@ -88,7 +88,8 @@ impl RoleData {
 
 /// A hash map cut into `Arc`-shared shards: cloning it copies one pointer per shard, and a
 /// change copies only the shard it touches (copy on write). Lookups cost one extra hash.
-/// The shard count doubles as the map grows, so a shard holds about [`SHARD_TARGET`] entries.
+/// The shard count doubles as the map grows and halves as it shrinks, so a shard holds
+/// between a quarter of [`SHARD_TARGET`] and [`SHARD_TARGET`] entries.
 #[derive(Clone)]
 pub struct Shards<K, V> {
     /// Picks the shard: keyed per map (not the shards' own hasher), so names cannot be
@@ -157,6 +158,11 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
         }
         let old = Arc::make_mut(&mut self.shards[i]).remove(k);
         self.len -= usize::from(old.is_some());
+        // Shrinks too, so that a map that was once big does not cost its peak shard count in
+        // every clone for ever.
+        if self.shards.len() > 1 && self.len < self.shards.len() * SHARD_TARGET / 4 {
+            self.reshard(self.shards.len() / 2);
+        }
         old
     }
 
@@ -165,9 +171,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
     }
 
     fn reshard(&mut self, count: usize) {
-        let mut shards: Vec<HashMap<K, V>> = (0..count)
-            .map(|_| HashMap::with_capacity(SHARD_TARGET))
-            .collect();
+        let mut shards: Vec<HashMap<K, V>> = (0..count).map(|_| HashMap::new()).collect();
         for shard in self.shards.iter() {
             for (k, v) in shard.iter() {
                 let i = self.pick.hash_one(k) as usize & (count - 1);

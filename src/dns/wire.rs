@@ -4,8 +4,8 @@
 //!
 //! Positive answers are copies of pre-encoded templates with the ID, the RD bit and the
 //! question bytes (the client's letter case) patched in. Negative answers are assembled from
-//! the question and the zone's pre-encoded SOA. PTR answers for registered addresses are the
-//! one rare path that searches (all roles) and encodes on the fly.
+//! the question and the zone's pre-encoded SOA. PTR answers for registered addresses are
+//! looked up in the zone-wide reverse index and encoded on the fly.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

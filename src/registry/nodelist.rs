@@ -1,6 +1,7 @@
 //! A role's published nodes: sorted by name, immutable once published, and cheap to change.
 //!
-//! A [`NodeList`] is a list of chunks, each an `Arc` of at most `2 * CHUNK` nodes. Publishing a
+//! A [`NodeList`] is a list of chunks, each an `Arc` of fewer than `2 * CHUNK` nodes (a small
+//! chunk joins its right neighbour when a removal leaves it under a quarter of `CHUNK`). Publishing a
 //! change clones the list of `Arc`s (one per chunk) and copies only the chunks the change
 //! touches, so a change to one node of a 20,000-node role costs a few hundred pointer copies,
 //! not 20,000 node copies, while every reader keeps its own unchanged list.
@@ -89,8 +90,19 @@ impl NodeList {
         let c = Arc::make_mut(&mut self.chunks[ci]);
         c.remove(i);
         self.len -= 1;
-        if c.is_empty() {
+        let left = c.len();
+        if left == 0 {
             self.chunks.remove(ci);
+        } else if left < CHUNK / 4
+            && self
+                .chunks
+                .get(ci + 1)
+                .is_some_and(|next| left + next.len() < 2 * CHUNK)
+        {
+            // A small chunk joins its right neighbour (staying under a split), so that churn
+            // cannot leave the list as many tiny chunks.
+            let next = self.chunks.remove(ci + 1);
+            Arc::make_mut(&mut self.chunks[ci]).extend(next.iter().cloned());
         }
         true
     }
@@ -210,6 +222,30 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "a published list changed under its reader");
         }
+    }
+
+    /// Removing most nodes does not leave the list as many tiny chunks.
+    #[test]
+    fn removals_merge_small_chunks() {
+        let mut list = NodeList::default();
+        for i in 0..20_000 {
+            list.upsert(node(&format!("n{i:05}"), 1));
+        }
+        for i in (0..20_000).filter(|i| i % 50 != 0) {
+            assert!(list.remove(&Label::parse(&format!("n{i:05}")).unwrap()));
+        }
+        assert_eq!(list.len(), 400);
+        assert!(
+            list.chunk_count() <= 12,
+            "{} chunks for 400 nodes",
+            list.chunk_count()
+        );
+        let names: Vec<String> = list.iter().map(|n| n.node.to_string()).collect();
+        let want: Vec<String> = (0..20_000)
+            .step_by(50)
+            .map(|i| format!("n{i:05}"))
+            .collect();
+        assert_eq!(names, want);
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl Table {
         self.roles.get_mut(&key.role)?.nodes.get_mut(&key.node)
     }
 
-    /// Inserts or replaces a node; `visible` marks its role for the next flush.
+    /// Inserts or replaces a node; `visible` (or a new node) marks the node for the next flush.
     pub fn insert(&mut self, key: &NodeKey, entry: Entry, visible: bool) -> Option<Entry> {
         let old = self
             .roles
