@@ -136,19 +136,22 @@ fn srv_message<'a>(
     header(&mut out, 0, 0);
     question(&mut out, owner, TYPE_SRV);
     let mut answered: Vec<(&DnsNode, usize)> = Vec::new();
+    let [l0, l1, l2, l3] = ttl.to_be_bytes();
     for n in nodes {
-        // Owner pointer, type..rdlength, priority/weight/port, target.
+        // Owner pointer, type..rdlength, priority/weight/port, target: one fixed-size head
+        // (this loop runs over up to 16 messages' worth of nodes on each change of the role).
         if out.len() + 2 + 10 + 6 + n.name.len() > MAX_MESSAGE {
             break;
         }
-        rr_ptr_owner(&mut out, 12, TYPE_SRV, ttl, |o| {
-            o.extend_from_slice(&0u16.to_be_bytes());
-            o.extend_from_slice(&n.weight.to_be_bytes());
-            o.extend_from_slice(&n.port.unwrap_or(0).to_be_bytes());
-            // RFC 2782: the target is not compressed.
-            answered.push((n, o.len()));
-            o.extend_from_slice(&n.name);
-        });
+        let [d0, d1] = (6 + n.name.len() as u16).to_be_bytes();
+        let [w0, w1] = n.weight.to_be_bytes();
+        let [p0, p1] = n.port.unwrap_or(0).to_be_bytes();
+        out.extend_from_slice(&[
+            0xC0, 12, 0, TYPE_SRV as u8, 0, 1, l0, l1, l2, l3, d0, d1, 0, 0, w0, w1, p0, p1,
+        ]);
+        // RFC 2782: the target is not compressed.
+        answered.push((n, out.len()));
+        out.extend_from_slice(&n.name);
     }
     let answer_end = out.len() as u32;
     let mut additional_ends = Vec::with_capacity(answered.len());
