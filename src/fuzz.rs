@@ -67,6 +67,11 @@ pub fn sample_snapshot() -> Arc<Snapshot> {
     .clone()
 }
 
+/// Answers with records (NOERROR, at least one answer) that [`dns_query`] has checked: the
+/// smoke test reads it to show that its mutations reach past the header checks.
+pub static DNS_ANSWERS_WITH_RECORDS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 /// Bytes in, answer or nothing out; checks the answer against hickory's decoder.
 pub fn dns_query(data: &[u8]) {
     let snap = sample_snapshot();
@@ -98,6 +103,9 @@ pub fn dns_query(data: &[u8]) {
             .unwrap_or_else(|e| panic!("our answer does not decode: {e}; {out:?}"));
         assert_eq!(response.metadata.message_type, MessageType::Response);
         assert_eq!(response.metadata.truncation, truncated);
+        if rcode == 0 && !response.answers.is_empty() {
+            DNS_ANSWERS_WITH_RECORDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         // Where hickory reads the query as a plain one-question QUERY, we must not call it
         // malformed (unless its question name uses compression, which no real client does).
         if let Ok(q) = Message::from_vec(data) {

@@ -147,7 +147,24 @@ fn srv_message<'a>(
         let [w0, w1] = n.weight.to_be_bytes();
         let [p0, p1] = n.port.unwrap_or(0).to_be_bytes();
         out.extend_from_slice(&[
-            0xC0, 12, 0, TYPE_SRV as u8, 0, 1, l0, l1, l2, l3, d0, d1, 0, 0, w0, w1, p0, p1,
+            0xC0,
+            12,
+            0,
+            TYPE_SRV as u8,
+            0,
+            1,
+            l0,
+            l1,
+            l2,
+            l3,
+            d0,
+            d1,
+            0,
+            0,
+            w0,
+            w1,
+            p0,
+            p1,
         ]);
         // RFC 2782: the target is not compressed.
         answered.push((n, out.len()));
