@@ -520,29 +520,53 @@ fn compare(
     let Servers { rollcall, nsd, .. } = *servers;
     let r = ask(rollcall, name, rtype, t);
     let n = ask(nsd, name, rtype, t);
-    tally.exchanges += 1;
-    tally.rollcall.insert(
-        (name.to_owned(), rtype, t),
-        Seen {
-            tc: r.tc,
-            size: r.size,
-            answers: r.answers.len(),
-            additional: r.additional.len(),
-        },
-    );
-    tally.largest = tally.largest.max(r.size).max(n.size);
-    if r.tc {
-        tally
-            .truncated
-            .push(format!("{name} {rtype} {}", transport_name(t)));
+    let k = known(ds, name, rtype);
+    let q = Asked { name, rtype, t, k };
+    let mut found = header_diffs(&q, &r, &n);
+    found.extend(set_diffs(ds, servers, &q, &r, &n));
+    found.extend(glue_diffs(servers, &q, &r));
+    let mut diffs: Vec<String> = found
+        .into_iter()
+        .map(|(what, rv, nv)| {
+            format!(
+                "{name} {rtype} over {}: {what}: rollcall {rv}, NSD {nv}",
+                transport_name(t)
+            )
+        })
+        .collect();
+    for d in [
+        check_additional(&r, "rollcall"),
+        check_additional(&n, "NSD"),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        diffs.push(format!("{name} {rtype} over {}: {d}", transport_name(t)));
     }
+    count(tally, &q, &r, &n);
+    diffs
+}
+
+/// One question as [`compare`] asked it, with what the test knows differs by design.
+struct Asked<'a> {
+    name: &'a str,
+    rtype: RecordType,
+    t: Transport,
+    k: Known,
+}
+
+/// A difference: what differs, rollcall's value, NSD's.
+type Diff = (String, String, String);
+
+fn diff(what: &str, rv: String, nv: String) -> Diff {
+    (what.to_owned(), rv, nv)
+}
+
+/// Header-level differences: the OPT record, rcode, AA, TC.
+fn header_diffs(q: &Asked<'_>, r: &View, n: &View) -> Vec<Diff> {
+    let (t, k) = (q.t, q.k);
     let mut diffs = Vec::new();
-    let mut differ = |what: &str, rv: String, nv: String| {
-        diffs.push(format!(
-            "{name} {rtype} over {}: {what}: rollcall {rv}, NSD {nv}",
-            transport_name(t)
-        ))
-    };
+    let mut differ = |what: &str, rv: String, nv: String| diffs.push(diff(what, rv, nv));
     let edns_wanted = t == Transport::UdpEdns;
     if r.edns != edns_wanted || n.edns != edns_wanted {
         differ(
@@ -557,7 +581,6 @@ fn compare(
     if r.aa != n.aa {
         differ("AA", r.aa.to_string(), n.aa.to_string());
     }
-    let k = known(ds, name, rtype);
     // RoleSrv: NSD has nothing to truncate there; rollcall's TC is checked below.
     if r.tc != n.tc && k != Known::RoleSrv {
         differ(
@@ -566,6 +589,16 @@ fn compare(
             format!("{} ({} bytes)", n.tc, n.size),
         );
     }
+    diffs
+}
+
+/// The answer and authority sets, by kind of name (rollcall differs from NSD by design for
+/// some: [`Known`]).
+fn set_diffs(ds: &Dataset, servers: &Servers, q: &Asked<'_>, r: &View, n: &View) -> Vec<Diff> {
+    let Servers { rollcall, nsd, .. } = *servers;
+    let (name, t, k) = (q.name, q.t, q.k);
+    let mut diffs = Vec::new();
+    let mut differ = |what: &str, rv: String, nv: String| diffs.push(diff(what, rv, nv));
     match k {
         Known::None => {
             if r.answers != n.answers {
@@ -642,12 +675,20 @@ fn compare(
             }
         }
     }
+    diffs
+}
+
+/// rollcall's glue against NSD's without minimal-responses.
+fn glue_diffs(servers: &Servers, q: &Asked<'_>, r: &View) -> Vec<Diff> {
+    let (name, rtype, t, k) = (q.name, q.rtype, q.t, q.k);
+    let mut diffs = Vec::new();
+    let mut differ = |what: &str, rv: String, nv: String| diffs.push(diff(what, rv, nv));
     // The additional sections are not compared with each other: NSD with minimal-responses
     // (the benchmark's setting) adds no SRV glue at all, rollcall adds every target's address
     // that fits. rollcall's glue is checked against NSD without minimal-responses instead:
     // what rollcall gives must be NSD's glue (or part of it when trimmed), and over TCP all
     // of it.
-    let targets = targets_of(&r);
+    let targets = targets_of(r);
     if !targets.is_empty() {
         // For RoleSrv the glue is that of the service's SRV set.
         let glue_of = match k {
@@ -662,7 +703,7 @@ fn compare(
                 .map(rr_key)
                 .collect()
         };
-        let (rg, fg) = (keys(&r), keys(&full));
+        let (rg, fg) = (keys(r), keys(&full));
         if !rg.is_subset(&fg) || (t == Transport::Tcp && rg != fg) {
             differ(
                 "SRV/NS glue (NSD without minimal-responses, over TCP)",
@@ -670,6 +711,29 @@ fn compare(
                 format!("{fg:?}"),
             );
         }
+    }
+    diffs
+}
+
+/// What the summary reports: every exchange, the largest message, TC, the differences by
+/// design that were seen, TTLs, trimmed glue.
+fn count(tally: &mut Tally, q: &Asked<'_>, r: &View, n: &View) {
+    let (name, rtype, t, k) = (q.name, q.rtype, q.t, q.k);
+    tally.exchanges += 1;
+    tally.rollcall.insert(
+        (name.to_owned(), rtype, t),
+        Seen {
+            tc: r.tc,
+            size: r.size,
+            answers: r.answers.len(),
+            additional: r.additional.len(),
+        },
+    );
+    tally.largest = tally.largest.max(r.size).max(n.size);
+    if r.tc {
+        tally
+            .truncated
+            .push(format!("{name} {rtype} {}", transport_name(t)));
     }
     if k != Known::None && (r.answers != n.answers || r.tc != n.tc) {
         tally.known_seen.push(format!(
@@ -688,30 +752,23 @@ fn compare(
             n.ttls.difference(&r.ttls).collect::<Vec<_>>()
         ));
     }
-    if let Some(d) = check_additional(&r, "rollcall") {
-        diffs.push(format!("{name} {rtype} over {}: {d}", transport_name(t)));
-    }
-    if let Some(d) = check_additional(&n, "NSD") {
-        diffs.push(format!("{name} {rtype} over {}: {d}", transport_name(t)));
-    }
     let glue = |v: &View| v.additional.len();
     let targets = |v: &View| targets_of(v).len();
-    if !r.tc && glue(&r) < targets(&r) {
+    if !r.tc && glue(r) < targets(r) {
         tally.glue_trimmed_rollcall += 1;
     }
-    if !n.tc && glue(&n) < targets(&n) {
+    if !n.tc && glue(n) < targets(n) {
         tally.glue_trimmed_nsd += 1;
     }
-    if glue(&r) != glue(&n) && k == Known::None {
+    if glue(r) != glue(n) && k == Known::None {
         tally.glue_differs.push(format!(
             "{name} {rtype} {}: additional records rollcall {}, NSD {} (answers {})",
             transport_name(t),
-            glue(&r),
-            glue(&n),
+            glue(r),
+            glue(n),
             r.answers.len()
         ));
     }
-    diffs
 }
 
 /// SRV and NS targets of the answer section (lower case).
