@@ -28,3 +28,5 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod systemd;
+#[cfg(test)]
+mod test_rng;

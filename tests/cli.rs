@@ -454,11 +454,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     );
 
     let out = status(&["--api", &server.api()]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("ROLE"), "{text}");
     let app = text.lines().find(|l| l.contains("app1")).expect("app1 row");
@@ -484,11 +480,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
     let out = status(&["--api", &format!("{dead_api},{}", server.api())])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("2 nodes in 2 roles"),
         "{}",
@@ -559,11 +551,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         .arg(&token_file)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     // The agent's environment (ROLLCALL_ROLE, as the images set it) does not filter status,
     // and an inherited ROLLCALL_TOKEN does not conflict with a --token-file given here.
     let out = status(&["--api", &guarded.api(), "--token-file"])
@@ -572,11 +560,7 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         .env("ROLLCALL_ROLE", "appserver")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let both = status(&["--api", &guarded.api(), "--token", "s3cret", "--token-file"])
         .arg(&token_file)
         .output()
@@ -1104,11 +1088,7 @@ fn completions_and_man_pages() {
         .arg(&pages)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     for cmd in [
         "rollcall",
         "rollcall-serve",

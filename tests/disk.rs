@@ -286,11 +286,7 @@ int fsync(int fd) {
         .arg("-ldl")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     so
 }
 

@@ -19,9 +19,7 @@ use crate::registry::{Publish, RoleView};
 
 use super::encode::{encode_records, wire_name};
 use super::role::RoleBuild;
-use super::snapshot::{
-    Entry, ReverseIndex, RoleData, RrSet, Snapshot, Soa, Zone, TYPE_NS, TYPE_SOA,
-};
+use super::snapshot::{Entry, ReverseIndex, RrSet, Snapshot, Soa, Zone, TYPE_NS, TYPE_SOA};
 use super::zones::StaticZone;
 
 /// Settings for the apex of the dynamic zone.
@@ -62,9 +60,8 @@ impl ZoneSettings {
 pub struct Builder {
     settings: ZoneSettings,
     zone_wire: Box<[u8]>,
-    /// What the snapshot holds of each role (one `Arc` per role, cloned into every snapshot).
-    roles: HashMap<Box<[u8]>, Arc<RoleData>>,
-    /// Each role's builder, which keeps what a change is applied to.
+    /// Each role's builder, which keeps what a change is applied to and the role's current
+    /// data (one `Arc`, shared by every snapshot until the role changes).
     builds: HashMap<Box<[u8]>, RoleBuild>,
     /// Every node's reverse entry, kept in step by the role builders.
     reverse: ReverseIndex,
@@ -88,7 +85,6 @@ impl Builder {
         let mut b = Builder {
             settings,
             zone_wire,
-            roles: HashMap::new(),
             builds: HashMap::new(),
             reverse: ReverseIndex::default(),
             statics,
@@ -136,9 +132,6 @@ impl Builder {
             build.apply(&view.changed, &mut self.reverse);
             if build.is_empty() {
                 self.builds.remove(&key);
-                self.roles.remove(&key);
-            } else {
-                self.roles.insert(key, build.data());
             }
         }
         self.index = index;
@@ -207,7 +200,11 @@ impl Builder {
         zones.sort_by_key(|z| std::cmp::Reverse(z.apex.len()));
         self.out.store(Arc::new(Snapshot {
             zones,
-            roles: self.roles.clone(),
+            roles: self
+                .builds
+                .iter()
+                .map(|(role, build)| (role.clone(), build.data()))
+                .collect(),
             reverse: self.reverse.clone(),
             index: self.index,
         }));

@@ -417,13 +417,7 @@ mod tests {
             .collect();
         let mut build = RoleBuild::new(&zone, &role, 5);
         let mut model: BTreeMap<Label, NodeSpec> = BTreeMap::new();
-        let mut seed = 11u64;
-        let mut rand = move |n: u64| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) % n
-        };
+        let mut rand = crate::test_rng::lcg(11);
         let mut reverse = ReverseIndex::default();
         let mut kept: Vec<(Arc<RoleData>, ReverseIndex, Answers)> = Vec::new();
         for round in 0..300 {

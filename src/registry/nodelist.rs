@@ -162,13 +162,7 @@ mod tests {
     fn agrees_with_a_sorted_map() {
         let mut list = NodeList::default();
         let mut model: BTreeMap<String, u16> = BTreeMap::new();
-        let mut seed = 7u64;
-        let mut rand = move |n: u64| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) % n
-        };
+        let mut rand = crate::test_rng::lcg(7);
         let mut kept: Vec<(NodeList, Vec<(String, u16)>)> = Vec::new();
         for step in 0..20_000u32 {
             let name = format!("n{}", rand(3000));

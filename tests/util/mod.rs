@@ -305,6 +305,16 @@ pub fn dig(server: SocketAddr, args: &[&str]) -> String {
 }
 
 /// Polls `f` every 5 ms until it returns true or `timeout` passes; returns whether it did.
+/// Asserts that a finished command exited 0, showing its stderr when it did not.
+#[track_caller]
+pub fn assert_succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
