@@ -218,7 +218,7 @@ async fn main() {
         limits,
         CancellationToken::new(),
     );
-    let _ = reg2.roles().await.unwrap();
+    reg2.barrier().await.unwrap();
     let startup = t.elapsed();
 
     println!("| measure | value | target |");

@@ -31,7 +31,13 @@ fi
 say() { echo "roll.sh: $*" >&2; }
 
 server=$("${compose[@]}" ps -q "$server_svc")
-[ -n "$server" ] || { say "no running $server_svc container: start the stack first"; exit 1; }
+[ -n "$server" ] || {
+    say "no running $server_svc container in compose project" \
+        "${COMPOSE_PROJECT_NAME:-docker (the default, named after this directory)}: start the stack" \
+        "first, or, if it runs under another name (-p NAME) or other files (-f FILE), give" \
+        "roll.sh the same as COMPOSE_PROJECT_NAME=NAME / COMPOSE_FILE=FILE:FILE"
+    exit 1
+}
 project=$(docker inspect -f '{{index .Config.Labels "com.docker.compose.project"}}' "$server")
 running() {
     docker ps -q --no-trunc --filter "label=com.docker.compose.project=$project" \

@@ -6,7 +6,8 @@
 #   docker/seed-debian.sh [TAG]          (default TAG: debian:12-slim; needs root)
 #
 # Does nothing when TAG already exists. Needs debootstrap (apt-get install debootstrap) and a
-# Debian mirror (MIRROR, default http://deb.debian.org/debian; SECURITY_MIRROR). About 30 s and 200 MB here.
+# Debian mirror (MIRROR, default http://deb.debian.org/debian; SECURITY_MIRROR). About 50-80 s
+# and a 74 MB image here (47 s and 80 s measured on the 2-core VM).
 set -euo pipefail
 
 tag=${1:-debian:12-slim}

@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
                   Every flag also reads an environment variable: ROLLCALL_ + the flag in upper snake \
                   case (--dns-listen -> ROLLCALL_DNS_LISTEN). The names shared by several commands \
                   mean the same thing in each (ROLLCALL_API, ROLLCALL_TOKEN, ROLLCALL_TOKEN_FILE, \
+                  ROLLCALL_CA_FILE, ROLLCALL_CLIENT_CERT, ROLLCALL_CLIENT_KEY, \
                   ROLLCALL_CONFIG, ROLLCALL_LOG_FORMAT); a flag that would mean something else in \
                   another command carries its command's name: hipache-sync's --role and --port are \
                   ROLLCALL_HIPACHE_ROLE and ROLLCALL_HIPACHE_PORT, status's --role, --json and \
@@ -32,7 +33,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// TOML file with defaults for any flag: top-level `log-format`, and one table per
-    /// subcommand (`[serve]`, `[register]`, `[hipache-sync]`, `[status]`) whose keys are flag
+    /// subcommand (`[serve]`, `[register]`, `[hipache-sync]`, `[status]`, `[docker]`) whose keys are flag
     /// names (`dns-listen = "0.0.0.0:53"`). Flags and environment variables override it;
     /// unknown keys are an error.
     #[arg(long, global = true, env = "ROLLCALL_CONFIG")]
@@ -40,6 +41,44 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The command line's definition, as parsed and as shown: `-h` gives each flag's first
+/// sentence, `--help` (and the man pages) the whole text.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    summarised(Cli::command())
+}
+
+/// Splits every flag's help into a one-sentence `help` and the full `long_help`.
+fn summarised(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        if a.get_long_help().is_some() {
+            return a;
+        }
+        let Some(full) = a.get_help().map(|h| h.to_string()) else {
+            return a;
+        };
+        match first_sentence(&full) {
+            Some(short) => a.help(short).long_help(full),
+            None => a,
+        }
+    })
+    .mut_subcommands(summarised)
+}
+
+/// The text before its first ". " that starts a new sentence (an upper-case letter follows),
+/// or None when there is only one sentence. "e.g. 0.0.0.0:53" does not end one.
+fn first_sentence(text: &str) -> Option<String> {
+    let mut from = 0;
+    while let Some(i) = text[from..].find(". ") {
+        let end = from + i;
+        if text[end + 2..].starts_with(|c: char| c.is_ascii_uppercase()) {
+            return Some(text[..end].to_string());
+        }
+        from = end + 2;
+    }
+    None
 }
 
 /// Why the command line could not be turned into a [`Cli`].
@@ -54,8 +93,8 @@ pub enum CliError {
 /// Parses the command line, with defaults from `--config FILE` where neither a flag nor its
 /// environment variable gives a value.
 pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError> {
-    use clap::{CommandFactory, FromArgMatches};
-    let cmd = Cli::command();
+    use clap::FromArgMatches;
+    let cmd = command();
     // A first, lenient pass finds --config and the subcommand.
     let pre = cmd
         .clone()
@@ -85,7 +124,7 @@ pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError>
             .expect("parsed subcommand exists")
             .clone();
         let mut extra: Vec<std::ffi::OsString> = Vec::new();
-        let subcommands = ["serve", "register", "hipache-sync", "status"];
+        let subcommands = ["serve", "register", "hipache-sync", "status", "docker"];
         for (key, value) in &doc {
             let key = key.replace('_', "-");
             if subcommands.contains(&key.as_str()) {
@@ -138,7 +177,8 @@ pub fn parse_with_config(argv: Vec<std::ffi::OsString>) -> Result<Cli, CliError>
             Command::Serve(a) => (&mut a.token, &mut a.token_file),
             Command::Register(RegisterArgs { client: c, .. })
             | Command::HipacheSync(HipacheArgs { client: c, .. })
-            | Command::Status(StatusArgs { client: c, .. }) => (&mut c.token, &mut c.token_file),
+            | Command::Status(StatusArgs { client: c, .. })
+            | Command::Docker(DockerArgs { client: c, .. }) => (&mut c.token, &mut c.token_file),
             // No token flags: asking clap about them would be an error.
             Command::Check(_) | Command::Completions(_) | Command::Man(_) => return Ok(cli),
         };
@@ -273,8 +313,32 @@ pub enum Command {
     HipacheSync(HipacheArgs),
     /// Print roles and nodes from a running server.
     Status(StatusArgs),
-    /// Probe tcp://HOST:PORT or http://HOST:PORT/PATH once: exit 0 if it passes (connects, or a
-    /// 2xx), 1 if not. For container healthchecks in images without curl, e.g.
+    /// Register the containers of this docker host that carry a `rollcall.role` label, from
+    /// the docker engine's events: no agent inside the containers.
+    ///
+    /// Labels read on each container: rollcall.role (required; containers without it are left
+    /// alone), rollcall.port (default: the image's only exposed TCP port, else none),
+    /// rollcall.service (default http), rollcall.weight (default 1), rollcall.ttl (default
+    /// --ttl), rollcall.node (default: the container's name made a DNS label: my_app.1 ->
+    /// my-app-1), rollcall.network (which network's address to register; default --network,
+    /// else the container's only network) and rollcall.meta.KEY=VALUE (meta KEY).
+    ///
+    /// A container is registered while it runs and, when it has a HEALTHCHECK, while it is
+    /// healthy. It is deregistered at once (DELETE) when docker stops or kills it, when it
+    /// dies, is paused or turns unhealthy, and registered again when it starts, is unpaused or
+    /// turns healthy. Registrations are renewed by PUT every ttl/3: if this host dies, its
+    /// containers leave DNS within their TTL; if the watcher restarts within the TTL, nothing
+    /// changes (an unchanged registration is a renewal). At start and whenever the event
+    /// stream is lost (reconnecting with backoff) it lists the containers again, registers the
+    /// live ones and deregisters those it registered that are gone (its registrations carry
+    /// the meta keys docker-watcher and docker-container).
+    ///
+    /// Run one per docker host, with the docker socket mounted:
+    /// `docker run -v /var/run/docker.sock:/var/run/docker.sock rollcall-server docker --api
+    /// http://rollcall:8053`.
+    Docker(DockerArgs),
+    /// Probe tcp://HOST:PORT or http(s)://HOST:PORT/PATH once: exit 0 if it passes (connects,
+    /// or a 2xx), 1 if not. For container healthchecks in images without curl, e.g.
     /// `rollcall check http://127.0.0.1:8053/healthz`.
     Check(CheckArgs),
     /// Print a shell completion script: `rollcall completions bash > /etc/bash_completion.d/rollcall`
@@ -301,20 +365,13 @@ pub struct ManArgs {
 
 /// `rollcall completions SHELL`: generated from these very definitions.
 pub fn print_completions(a: &CompletionsArgs) -> Result<u8, (u8, String)> {
-    use clap::CommandFactory;
-    clap_complete::generate(
-        a.shell,
-        &mut Cli::command(),
-        "rollcall",
-        &mut std::io::stdout(),
-    );
+    clap_complete::generate(a.shell, &mut command(), "rollcall", &mut std::io::stdout());
     Ok(0)
 }
 
 /// `rollcall man [--dir DIR]`: generated from these very definitions.
 pub fn print_man(a: &ManArgs) -> Result<u8, (u8, String)> {
-    use clap::CommandFactory;
-    let cmd = Cli::command();
+    let cmd = command();
     match &a.dir {
         Some(dir) => clap_mangen::generate_to(cmd, dir).map(|()| 0).map_err(|e| {
             (
@@ -331,8 +388,12 @@ pub fn print_man(a: &ManArgs) -> Result<u8, (u8, String)> {
 
 #[derive(Args, Debug, Clone)]
 pub struct CheckArgs {
-    /// What to probe: tcp://HOST:PORT or http://HOST:PORT/PATH (as register's --check).
+    /// What to probe: tcp://HOST:PORT, http://HOST:PORT/PATH or https://HOST:PORT/PATH (as
+    /// register's --check).
     pub target: String,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -381,13 +442,32 @@ pub struct ServeArgs {
     #[arg(long, env = "ROLLCALL_DNS_THREADS", default_value_t = 0)]
     pub dns_threads: usize,
 
-    /// Require `Authorization: Bearer <TOKEN>` on writes (PUT, DELETE, sessions).
+    /// Require `Authorization: Bearer <TOKEN>` on writes (PUT, DELETE, sessions); this token
+    /// may write every role.
     #[arg(long, env = "ROLLCALL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
-    /// Read the token from this file (first line).
+    /// Tokens from this file, read again on SIGHUP. A file with a `[[token]]` line is a token
+    /// table (TOML: `secret`, `roles` = role globs it may write such as ["appserver",
+    /// "front*"], `read`, `name`); any other file's first line is the one token, which may
+    /// write every role. A token writing outside its roles gets 403.
     #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// Serve the API over HTTPS with this certificate (PEM, the chain from the server's own
+    /// certificate up); needs --tls-key. Read again on SIGHUP: new connections get the new
+    /// one, open ones keep theirs; a bad new file keeps the old certificate (logged).
+    #[arg(long, env = "ROLLCALL_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC).
+    #[arg(long, env = "ROLLCALL_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Writes (PUT, DELETE, sessions) need a client certificate signed by a CA of this PEM
+    /// file; reads (GET, the status page, /metrics, /healthz) need none. Needs --tls-cert.
+    #[arg(long, env = "ROLLCALL_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
 
     /// Require the token on reads too.
     #[arg(long, env = "ROLLCALL_TOKEN_READS")]
@@ -447,13 +527,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ROLLCALL_RATE_LIMIT_SLIP", default_value_t = 2)]
     pub rate_limit_slip: u32,
 
-    /// Sources never rate limited (repeatable; `none` for no exemption). Default: loopback.
-    #[arg(
-        long,
-        env = "ROLLCALL_RATE_LIMIT_EXEMPT",
-        value_delimiter = ',',
-        default_value = "127.0.0.0/8,::1/128"
-    )]
+    /// Sources never rate limited (repeatable; `none` for no exemption). Default: loopback and
+    /// the private networks (10/8, 172.16/12, 192.168/16, fc00::/7) of this host's interfaces
+    /// that do not carry the default route: the cluster's own clients. Inside a container,
+    /// whose only interface carries the default route, give the stack's network here.
+    #[arg(long, env = "ROLLCALL_RATE_LIMIT_EXEMPT", value_delimiter = ',')]
     pub rate_limit_exempt: Vec<String>,
 
     /// Accept registrations of any address. Without it, unspecified, multicast, broadcast and
@@ -479,7 +557,10 @@ pub struct ServeArgs {
 
     /// Clients whose queries may be forwarded (repeatable; `none` for nobody); others get
     /// REFUSED for names outside our zones and nothing is sent upstream. Never widened by
-    /// --allow-query. Default: loopback and the networks this host is directly connected to.
+    /// --allow-query. Default: loopback and the private networks (10/8, 172.16/12,
+    /// 192.168/16, fc00::/7) of this host's interfaces that do not carry the default route;
+    /// never link-local, never the network the world comes in through (a neighbour there can
+    /// be impersonated). Inside a container, give the stack's network here.
     #[arg(long, env = "ROLLCALL_ALLOW_RECURSION", value_delimiter = ',')]
     pub allow_recursion: Vec<String>,
 
@@ -492,13 +573,26 @@ pub struct ServeArgs {
     #[arg(long, env = "ROLLCALL_FORWARD_BUDGET", default_value = "2s")]
     pub forward_budget: String,
 
-    /// Forwarded answers kept in the cache (0: no cache). TTLs are respected and count down.
+    /// Forwarded answers kept in the cache, at most (0: no cache). TTLs are respected and
+    /// count down.
     #[arg(long, env = "ROLLCALL_FORWARD_CACHE", default_value_t = 10_000)]
     pub forward_cache: usize,
 
-    /// Forwarded queries in flight at once; beyond, SERVFAIL (counted in /metrics).
+    /// Memory the forwarding cache may use: 32MiB, 512KiB, 1GiB, or bytes (0: no cache). What
+    /// an entry costs is counted (its bytes, key and bookkeeping); answers over 16 KiB are
+    /// served but never cached.
+    #[arg(long, env = "ROLLCALL_FORWARD_CACHE_SIZE", default_value = "32MiB")]
+    pub forward_cache_size: String,
+
+    /// Distinct questions asked upstream at once (identical questions share one); beyond,
+    /// SERVFAIL (counted in /metrics).
     #[arg(long, env = "ROLLCALL_FORWARD_MAX_INFLIGHT", default_value_t = 1_000)]
     pub forward_max_inflight: usize,
+
+    /// Forwarded queries one client prefix (/24, /56) may have waiting at once; beyond,
+    /// SERVFAIL (counted in /metrics), so that one client cannot take every slot.
+    #[arg(long, env = "ROLLCALL_FORWARD_MAX_PER_CLIENT", default_value_t = 100)]
+    pub forward_max_per_client: usize,
 
     /// Key prefix in etcd (several rollcall clusters can share one etcd).
     #[arg(long, env = "ROLLCALL_ETCD_PREFIX", default_value = "/rollcall")]
@@ -516,6 +610,28 @@ pub struct ServeArgs {
     /// a safety net against lost watch events.
     #[arg(long, env = "ROLLCALL_ETCD_RESYNC", default_value = "5m")]
     pub etcd_resync: String,
+
+    /// CA certificates (PEM) that etcd's certificate must be signed by, for https:// in
+    /// --etcd (default: the system's CAs).
+    #[arg(long, env = "ROLLCALL_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+
+    /// This server's client certificate (PEM) for etcd's --client-cert-auth; with --etcd-key.
+    #[arg(long, env = "ROLLCALL_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long, env = "ROLLCALL_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user (etcd with auth enabled); its password comes from --etcd-password-file or
+    /// the environment variable ROLLCALL_ETCD_PASSWORD, never from the command line.
+    #[arg(long, env = "ROLLCALL_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the password of --etcd-user (one line; a final newline is ignored).
+    #[arg(long, env = "ROLLCALL_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// How a client subcommand reaches the API: which servers, and with which token. Shared by
@@ -542,6 +658,38 @@ pub struct ApiArgs {
     /// Read the token from this file (first line).
     #[arg(long, env = "ROLLCALL_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// How a client checks an https:// server and proves who it is. Shared by every command that
+/// reaches a URL (`register`, `hipache-sync`, `status`, `check`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// For https:// URLs: the CA certificate(s) (PEM) the server's certificate must be signed
+    /// by. Default: the system's CAs (/etc/ssl/certs).
+    #[arg(long, env = "ROLLCALL_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) shown to https:// servers: needed for writes when the server
+    /// has --tls-client-ca. Needs --client-key.
+    #[arg(long, env = "ROLLCALL_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+
+    /// The private key of --client-cert (PEM).
+    #[arg(long, env = "ROLLCALL_CLIENT_KEY", value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn files(&self) -> crate::tls::ClientFiles {
+        crate::tls::ClientFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -577,7 +725,8 @@ pub struct RegisterArgs {
     #[arg(long, env = "ROLLCALL_WEIGHT", default_value_t = 1)]
     pub weight: u16,
 
-    /// Health check: tcp://HOST:PORT or http://HOST:PORT/PATH. Registered only while it passes.
+    /// Health check: tcp://HOST:PORT or http(s)://HOST:PORT/PATH (https checked with --ca-file,
+    /// as the API). Registered only while it passes.
     #[arg(long, env = "ROLLCALL_CHECK")]
     pub check: Option<String>,
 
@@ -659,4 +808,42 @@ pub struct StatusArgs {
     /// Redraw whenever the registrations change (blocking queries), until interrupted.
     #[arg(long, env = "ROLLCALL_STATUS_WATCH")]
     pub watch: bool,
+}
+
+/// `rollcall docker`: one per docker host.
+#[derive(Args, Debug, Clone)]
+pub struct DockerArgs {
+    #[command(flatten)]
+    pub client: ApiArgs,
+
+    /// The docker engine's unix socket (unix:// may be given).
+    #[arg(
+        long,
+        env = "ROLLCALL_DOCKER_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    pub docker_socket: String,
+
+    /// Network whose address is registered, for containers without a rollcall.network label:
+    /// its name (a compose network may be named without its project prefix: cluster for
+    /// myproject_cluster). Unset: the container's only network; a container on several
+    /// networks is then skipped with a warning.
+    #[arg(long, env = "ROLLCALL_DOCKER_NETWORK")]
+    pub network: Option<String>,
+
+    /// Lease in seconds for containers without a rollcall.ttl label: a dead host's containers
+    /// leave DNS this long after its last renewal, and a restarted watcher must be back
+    /// within it for nothing to change.
+    #[arg(long, env = "ROLLCALL_DOCKER_TTL", default_value_t = 10)]
+    pub ttl: u32,
+
+    /// Name this watcher marks its registrations with (meta docker-watcher), to find the ones
+    /// it registered after a restart. Default: the docker engine's ID.
+    #[arg(long, env = "ROLLCALL_DOCKER_WATCHER_ID")]
+    pub watcher_id: Option<String>,
+
+    /// On SIGTERM/SIGINT, deregister every container it registered. Default: leave them to
+    /// their leases, so that a restarted watcher takes them over without a change in DNS.
+    #[arg(long, env = "ROLLCALL_DOCKER_DEREGISTER_ON_EXIT")]
+    pub deregister_on_exit: bool,
 }

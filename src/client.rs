@@ -1,26 +1,25 @@
 //! What the three client subcommands (`register`, `hipache-sync`, `status`) share to talk to
-//! the API: one rule for `--api` URLs, one HTTP client set-up (never through a proxy: rollcall
-//! is reached directly), one way to read an error answer, one error chain.
+//! the API: one rule for `--api` URLs (http:// or https://), one HTTP client set-up (never
+//! through a proxy: rollcall is reached directly; one rustls config for https, see `tls.rs`),
+//! one way to connect a WebSocket, one way to read an error answer, one error chain (TLS
+//! failures told as sentences).
 
 use std::error::Error as StdError;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// One `--api` URL, validated (plain http, a host, no query or fragment), returned without
+use tokio::net::TcpStream;
+
+/// One `--api` URL, validated (http or https, a host, no query or fragment), returned without
 /// a trailing `/`.
 pub fn api_url(api: &str) -> Result<String, String> {
     let url = reqwest::Url::parse(api)
         .map_err(|e| format!("--api {api:?} is not a URL ({e}): use e.g. http://127.0.0.1:8053"))?;
     match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(format!(
-                "--api {api:?}: this build speaks plain HTTP only; reach rollcall over a \
-                 private network or a local TLS-terminating proxy"
-            ))
-        }
+        "http" | "https" => {}
         other => {
             return Err(format!(
-                "--api {api:?} has the scheme {other:?}: use http://HOST:PORT"
+                "--api {api:?} has the scheme {other:?}: use http://HOST:PORT or https://HOST:PORT"
             ))
         }
     }
@@ -35,6 +34,16 @@ pub fn api_url(api: &str) -> Result<String, String> {
         ));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// The TLS config of a client command: built when a URL is https:// or a TLS flag is given,
+/// else None (and nothing is read).
+pub fn tls_for(
+    files: &crate::tls::ClientFiles,
+    urls: &[&str],
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    let needed = urls.iter().any(|u| u.starts_with("https://"));
+    crate::tls::client_config(files, needed)
 }
 
 /// Every `--api` value (comma-separated or repeated), validated; at least one.
@@ -53,16 +62,57 @@ pub fn api_urls(values: &[String]) -> Result<Vec<String>, String> {
     Ok(urls)
 }
 
-/// The HTTP client of a client subcommand: no proxy, a connect timeout, and `timeout` per
-/// request when given.
-pub fn http(connect: Duration, timeout: Option<Duration>) -> reqwest::ClientBuilder {
-    let b = reqwest::Client::builder()
+/// The HTTP client of a client subcommand: no proxy, a connect timeout, `timeout` per
+/// request when given, and the command's TLS config for https:// URLs.
+pub fn http(
+    connect: Duration,
+    timeout: Option<Duration>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> reqwest::ClientBuilder {
+    let mut b = reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(connect);
+    if let Some(tls) = tls {
+        b = b.use_preconfigured_tls((**tls).clone());
+    }
     match timeout {
         Some(t) => b.timeout(t),
         None => b,
     }
+}
+
+/// A connection to an API server for a WebSocket: plain TCP, or TLS over it.
+pub type Stream = tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Connects to the host and port of a `ws://` or `wss://` URL (TLS with `tls` for wss; no
+/// Nagle: sessions send small pings). Errors are sentences (TLS ones say what to do).
+pub async fn connect(
+    url: &reqwest::Url,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Stream, String> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| format!("{url} has no host"))?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = url
+        .port_or_known_default()
+        .ok_or_else(|| format!("{url} has no port"))?;
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    if !matches!(url.scheme(), "wss" | "https") {
+        return Ok(tokio_util::either::Either::Left(tcp));
+    }
+    let config = tls.ok_or_else(|| format!("{url}: no TLS set-up for an https:// server"))?;
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| format!("{host} is not a name TLS can check ({e})"))?;
+    tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map(tokio_util::either::Either::Right)
+        .map_err(|e| chain(&e))
 }
 
 /// The sentence of an API error answer (`{"error": "..."}`), or the body as it is.
@@ -75,8 +125,12 @@ pub fn error_message(body: &str) -> String {
         .to_owned()
 }
 
-/// An error and its sources on one line (reqwest's outermost message alone says little).
-pub fn chain(e: &dyn StdError) -> String {
+/// An error and its sources on one line (reqwest's outermost message alone says little). A
+/// TLS failure anywhere in the chain is told as a sentence that says what to do, first.
+pub fn chain(e: &(dyn StdError + 'static)) -> String {
+    if let Some(r) = crate::tls::find_rustls_error(e) {
+        return crate::tls::sentence(r);
+    }
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -95,12 +149,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn api_urls_are_plain_http_base_urls() {
+    fn api_urls_are_http_or_https_base_urls() {
         assert_eq!(
             api_url("http://10.0.0.1:8053/").unwrap(),
             "http://10.0.0.1:8053"
         );
-        assert!(api_url("https://x").unwrap_err().contains("plain HTTP"));
+        assert_eq!(
+            api_url("https://rc.example:8443/").unwrap(),
+            "https://rc.example:8443"
+        );
         assert!(api_url("ftp://x").unwrap_err().contains("scheme"));
         assert!(api_url("http://x/?a=1").unwrap_err().contains("base URL"));
         assert!(api_url("nonsense").unwrap_err().contains("not a URL"));

@@ -27,7 +27,7 @@ pub struct ServeConfig {
     pub dns_threads: usize,
     pub access: Access,
     /// DNS clients allowed to query (empty: everyone).
-    pub allow_query: Vec<IpNet>,
+    pub allow_query: crate::dns::acl::Acl,
     pub limits: Limits,
     /// Longest blocking query.
     pub max_wait: std::time::Duration,
@@ -37,8 +37,60 @@ pub struct ServeConfig {
     pub rate_limit: crate::dns::rrl::RateLimitConfig,
     /// etcd mode (None: the embedded single server).
     pub etcd: Option<crate::etcd::EtcdConfig>,
+    /// etcd mode: TLS to etcd and the etcd user (`--etcd-cacert`, `--etcd-user`, …).
+    pub etcd_access: crate::etcd::client::Access,
     /// Forwarding of names outside our zones (None: REFUSED).
     pub forward: Option<crate::dns::forward::ForwardConfig>,
+    /// HTTPS on the API (None: plain HTTP): the files, read again on SIGHUP, and the config
+    /// they made at start.
+    pub tls: Option<TlsServe>,
+    /// `--token-file`, read again on SIGHUP into `access.tokens`.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsServe {
+    pub files: crate::tls::ServerFiles,
+    pub initial: Arc<rustls::ServerConfig>,
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-client-ca`, checked together and read once.
+fn parse_tls(a: &ServeArgs) -> Result<Option<TlsServe>, ConfigError> {
+    let files = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: a.tls_client_ca.clone(),
+        },
+        (None, None) if a.tls_client_ca.is_some() => {
+            return Err(err(
+                "--tls-client-ca needs HTTPS: give --tls-cert and --tls-key too",
+            ))
+        }
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(err("--tls-cert is given without --tls-key: give both")),
+        (None, Some(_)) => return Err(err("--tls-key is given without --tls-cert: give both")),
+    };
+    let initial = files.load().map_err(err)?;
+    Ok(Some(TlsServe { files, initial }))
+}
+
+/// The server's tokens: `--token` (one that may write every role), `--token-file` (either
+/// form; see `api::tokens`), or none.
+fn server_tokens(a: &ServeArgs) -> Result<crate::api::tokens::Tokens, ConfigError> {
+    use crate::api::tokens::Tokens;
+    match (&a.token, &a.token_file) {
+        (Some(_), Some(path)) => Err(err(format!(
+            "both --token and --token-file ({}) are given: give one",
+            path.display()
+        ))),
+        (Some(t), None) if t.trim().is_empty() => Err(err(
+            "the token is empty: give a non-empty --token or --token-file",
+        )),
+        (Some(t), None) => Ok(Tokens::single(t)),
+        (None, Some(path)) => Tokens::load(path).map_err(err),
+        (None, None) => Ok(Tokens::default()),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,30 +197,34 @@ impl ServeConfig {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let allow_query = parse_nets("allow-query", &a.allow_query)?;
+        let allow_query = match parse_nets("allow-query", &a.allow_query)? {
+            nets if nets.is_empty() => crate::dns::acl::Acl::Everyone,
+            nets => crate::dns::acl::Acl::only(nets),
+        };
         let max_wait = crate::clock::parse_duration(&a.max_wait)
             .map_err(|e| err(format!("--max-wait {e}")))?;
         if max_wait.is_zero() {
             return Err(err("--max-wait must be more than 0"));
         }
         let etcd = parse_etcd(&a)?;
+        let etcd_access = parse_etcd_access(&a, etcd.as_ref())?;
+        let shared = etcd.is_some();
         let forward = parse_forward(&a)?;
-        let token = read_token(a.token, a.token_file.as_ref())?;
+        let tokens = server_tokens(&a)?;
+        let tls = parse_tls(&a)?;
+        let client_cert_writes = tls.as_ref().is_some_and(|t| t.files.client_ca.is_some());
         let dns_threads = match a.dns_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
         let zone_host = zone_host(&zone);
-        let exempt: Vec<String> = a
-            .rate_limit_exempt
-            .iter()
-            .filter(|s| !s.trim().is_empty() && s.trim() != "none")
-            .cloned()
-            .collect();
-        let rate_limit_exempt = parse_nets("rate-limit-exempt", &exempt)?;
+        let rate_limit_exempt = acl_flag("rate-limit-exempt", &a.rate_limit_exempt)?;
         Ok(ServeConfig {
             etcd,
+            etcd_access,
             forward,
+            tls,
+            token_file: a.token_file,
             dns_listen: {
                 let addrs = a
                     .dns_listen
@@ -198,8 +254,9 @@ impl ServeConfig {
             ns_name,
             dns_threads,
             access: Access {
-                token: token.map(Arc::from),
+                tokens: tokens.shared(),
                 token_reads: a.token_reads,
+                client_cert_writes,
                 allow_register,
                 allow_hosts: a
                     .allow_host
@@ -209,6 +266,7 @@ impl ServeConfig {
                     .collect(),
                 zone: zone_host.clone(),
                 any_addr: a.allow_any_addr,
+                shared,
             },
             max_waits_per_client: a.max_waits_per_client.max(1),
             rate_limit: crate::dns::rrl::RateLimitConfig {
@@ -241,13 +299,16 @@ impl ServeConfig {
                 zone: "cluster".into(),
                 ..Access::default()
             },
-            allow_query: Vec::new(),
+            allow_query: crate::dns::acl::Acl::Everyone,
             limits: Limits::default(),
             max_wait: crate::api::MAX_WAIT,
             max_waits_per_client: crate::api::MAX_WAITERS_PER_CLIENT,
             rate_limit: crate::dns::rrl::RateLimitConfig::default(),
             etcd: None,
+            etcd_access: Default::default(),
             forward: None,
+            tls: None,
+            token_file: None,
         }
     }
 }
@@ -273,14 +334,12 @@ fn parse_etcd(a: &ServeArgs) -> Result<Option<crate::etcd::EtcdConfig>, ConfigEr
                 format!("http://{s}")
             };
             match reqwest::Url::parse(&url) {
-                Ok(u) if u.scheme() == "http" && u.host().is_some() => {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
                     Ok(url.trim_end_matches('/').to_owned())
                 }
-                Ok(u) if u.scheme() == "https" => Err(err(format!(
-                    "--etcd {s:?}: this build speaks plain HTTP to etcd only; reach etcd over a trusted network or a local TLS proxy"
-                ))),
                 _ => Err(err(format!(
-                    "--etcd {s:?} is not an etcd client URL: use e.g. http://127.0.0.1:2379"
+                    "--etcd {s:?} is not an etcd client URL: use e.g. http://127.0.0.1:2379 or \
+                     https://127.0.0.1:2379"
                 ))),
             }
         })
@@ -301,7 +360,77 @@ fn parse_etcd(a: &ServeArgs) -> Result<Option<crate::etcd::EtcdConfig>, ConfigEr
         timeout: parse_duration_flag("etcd-timeout", &a.etcd_timeout)?,
         dial_timeout: parse_duration_flag("etcd-dial-timeout", &a.etcd_dial_timeout)?,
         resync: parse_duration_flag("etcd-resync", &a.etcd_resync)?,
+        // A knob for the tests only (a catch-up over the limit without writing 64 MiB).
+        watch_line_max: std::env::var("ROLLCALL_TEST_ETCD_WATCH_MAX_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(crate::etcd::client::WATCH_LINE_MAX),
     }))
+}
+
+/// `--etcd-cacert`, `--etcd-cert`, `--etcd-key`, `--etcd-user` and its password, read once.
+fn parse_etcd_access(
+    a: &ServeArgs,
+    etcd: Option<&crate::etcd::EtcdConfig>,
+) -> Result<crate::etcd::client::Access, ConfigError> {
+    let given = a.etcd_cacert.is_some()
+        || a.etcd_cert.is_some()
+        || a.etcd_key.is_some()
+        || a.etcd_user.is_some()
+        || a.etcd_password_file.is_some();
+    let Some(etcd) = etcd else {
+        if given {
+            return Err(err(
+                "--etcd-cacert, --etcd-cert, --etcd-key and --etcd-user need --etcd",
+            ));
+        }
+        return Ok(Default::default());
+    };
+    let https = etcd.endpoints.iter().any(|e| e.starts_with("https://"));
+    let tls_flags = a.etcd_cacert.is_some() || a.etcd_cert.is_some() || a.etcd_key.is_some();
+    if tls_flags && !https {
+        return Err(err(
+            "--etcd-cacert, --etcd-cert and --etcd-key are for https:// etcd endpoints: use \
+             https:// in --etcd",
+        ));
+    }
+    let tls = if https {
+        Some(
+            crate::tls::etcd_client_config(
+                a.etcd_cacert.as_deref(),
+                a.etcd_cert.as_deref(),
+                a.etcd_key.as_deref(),
+            )
+            .map_err(err)?,
+        )
+    } else {
+        None
+    };
+    let password = match (&a.etcd_password_file, std::env::var("ROLLCALL_ETCD_PASSWORD")) {
+        (Some(path), _) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| err(format!("--etcd-password-file {}: {e}", path.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        (None, Ok(p)) if !p.is_empty() => Some(p),
+        _ => None,
+    };
+    let user = match (&a.etcd_user, password) {
+        (Some(u), Some(p)) if !u.is_empty() => Some((u.clone(), p)),
+        (Some(_), None) => {
+            return Err(err(
+                "--etcd-user needs a password: --etcd-password-file FILE or the environment \
+                 variable ROLLCALL_ETCD_PASSWORD (never on the command line)",
+            ))
+        }
+        (None, Some(_)) if a.etcd_password_file.is_some() => {
+            return Err(err("--etcd-password-file needs --etcd-user"))
+        }
+        (Some(_), Some(_)) => return Err(err("--etcd-user is empty")),
+        (None, _) => None,
+    };
+    Ok(crate::etcd::client::Access { tls, user })
 }
 
 /// The zone as a host name: lower case, without the final dot.
@@ -326,21 +455,63 @@ fn parse_forward(a: &ServeArgs) -> Result<Option<crate::dns::forward::ForwardCon
         }
         return Ok(None);
     }
-    let allow = if a.allow_recursion.is_empty() {
-        let mut nets = parse_nets("allow-recursion", &["127.0.0.0/8".into(), "::1/128".into()])?;
-        nets.extend(crate::dns::forward::local_networks());
-        nets
-    } else if a.allow_recursion.iter().any(|s| s.trim() == "none") {
-        Vec::new()
-    } else {
-        parse_nets("allow-recursion", &a.allow_recursion)?
-    };
     Ok(Some(crate::dns::forward::ForwardConfig {
         rules,
-        allow,
+        allow: acl_flag("allow-recursion", &a.allow_recursion)?,
         timeout: parse_duration_flag("forward-timeout", &a.forward_timeout)?,
         budget: parse_duration_flag("forward-budget", &a.forward_budget)?,
         cache: a.forward_cache,
+        cache_bytes: parse_size("forward-cache-size", &a.forward_cache_size)?,
         max_inflight: a.forward_max_inflight.max(1),
+        max_per_client: a.forward_max_per_client.max(1),
     }))
+}
+
+/// An ACL flag: unset means the trusted default (loopback and the private networks of
+/// interfaces without the default route), `none` means nobody, else the networks given.
+fn acl_flag(flag: &str, values: &[String]) -> Result<crate::dns::acl::Acl, ConfigError> {
+    use crate::dns::acl::{trusted_local_networks, Acl};
+    let values: Vec<String> = values
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if values.is_empty() {
+        return Ok(Acl::only(trusted_local_networks()));
+    }
+    if values.iter().any(|s| s == "none") {
+        if values.len() > 1 {
+            return Err(err(format!(
+                "--{flag}: `none` cannot be combined with networks ({})",
+                values.join(",")
+            )));
+        }
+        return Ok(Acl::nobody());
+    }
+    Ok(Acl::only(parse_nets(flag, &values)?))
+}
+
+/// A size in bytes: `32MiB`, `512KiB`, `1GiB`, `64MB`, `1000`.
+fn parse_size(flag: &str, s: &str) -> Result<usize, ConfigError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => usize::MAX,
+    };
+    match digits.parse::<usize>() {
+        Ok(n) if mult != usize::MAX => n
+            .checked_mul(mult)
+            .ok_or_else(|| err(format!("--{flag} {s:?} is too large"))),
+        _ => Err(err(format!(
+            "--{flag} {s:?} is not a size (e.g. 32MiB, 512KiB, 1GiB, or a number of bytes)"
+        ))),
+    }
 }

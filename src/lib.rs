@@ -5,10 +5,14 @@
 //! - [`registry`]: the single owner of registrations (leases, expiry, index, change feed);
 //! - [`journal`]: the embedded registry owner's log in the data directory;
 //! - [`etcd`]: etcd mode (several servers): client, mirror, link state;
-//! - [`dns`]: snapshot, query path, UDP and TCP transports, zone files;
-//! - [`api`]: the HTTP API (axum);
-//! - [`server`]: `rollcall serve`, wiring the above together;
-//! - [`agent`], [`hipache`], [`status`]: the client subcommands, over [`client`].
+//! - [`dns`]: snapshot, query path, UDP and TCP transports, DNS policy and ACLs, rate limiting,
+//!   forwarding, zone files;
+//! - [`api`]: the HTTP API (axum); [`tls`]: HTTPS for it, both ends (rustls);
+//! - [`metrics`]: counters and the one Prometheus exposition writer;
+//! - [`server`]: `rollcall serve`, wiring the above together; [`shutdown`], [`systemd`],
+//!   [`net`], [`clock`]: its small helpers;
+//! - [`agent`], [`hipache`], [`status`], [`docker`]: the client subcommands, over [`client`];
+//! - [`fuzz`]: the entry points `fuzz/` and `tests/fuzz_smoke.rs` share.
 
 pub mod agent;
 pub mod api;
@@ -17,6 +21,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dns;
+pub mod docker;
 pub mod etcd;
 pub mod fuzz;
 pub mod hipache;
@@ -30,3 +35,4 @@ pub mod status;
 pub mod systemd;
 #[cfg(test)]
 mod test_rng;
+pub mod tls;

@@ -41,7 +41,8 @@ async fn run(command: Command) -> ExitCode {
         Command::Register(args) => rollcall::agent::run(args).await,
         Command::HipacheSync(args) => rollcall::hipache::run(args).await,
         Command::Status(args) => rollcall::status::run(args).await,
-        Command::Check(args) => rollcall::agent::check_once(&args.target).await,
+        Command::Docker(args) => rollcall::docker::run(args).await,
+        Command::Check(args) => rollcall::agent::check_once(&args).await,
         Command::Completions(args) => rollcall::cli::print_completions(&args),
         Command::Man(args) => rollcall::cli::print_man(&args),
     };

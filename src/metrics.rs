@@ -228,9 +228,31 @@ impl Histogram {
 #[derive(Default)]
 pub struct ApiMetrics {
     requests: Mutex<BTreeMap<(String, String, u16, bool), Histogram>>,
+    /// TLS handshakes on the API port by outcome (see [`TLS_OUTCOMES`]); all 0 without TLS.
+    tls: [AtomicU64; TLS_OUTCOMES.len()],
 }
 
+/// How a connection to the TLS port started: `ok` (handshake done), `failed` (refused by
+/// either side: a bad certificate, an unknown CA, no common protocol), `timeout` (no
+/// handshake within the deadline), `plaintext` (a plain-HTTP request, answered 400).
+pub const TLS_OUTCOMES: [&str; 4] = ["ok", "failed", "timeout", "plaintext"];
+
 impl ApiMetrics {
+    /// Counts one TLS handshake outcome, a name of [`TLS_OUTCOMES`].
+    pub fn tls_handshake(&self, outcome: &str) {
+        if let Some(i) = TLS_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.tls[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The count of one outcome (tests).
+    pub fn tls_handshakes(&self, outcome: &str) -> u64 {
+        TLS_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .map_or(0, |i| self.tls[i].load(Relaxed))
+    }
+
     /// `blocking`: a blocking query (`?index=`), which waits by design and would drown the
     /// latency of plain GETs.
     pub fn record(&self, method: &str, route: &str, status: u16, blocking: bool, took: Duration) {
@@ -263,7 +285,133 @@ fn rate_limited<'a>(blocks: impl Iterator<Item = &'a DnsCounters>) -> u64 {
     blocks.map(|b| b.rate_limited.load(Relaxed)).sum()
 }
 
-/// Renders everything in Prometheus text format.
+/// The one Prometheus text-format writer every subsystem renders with: a family's `# HELP`
+/// and `# TYPE` always go out together, before its samples, and label values are escaped.
+#[derive(Default)]
+pub struct Exposition {
+    out: String,
+}
+
+/// A family's type.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+            Kind::Summary => "summary",
+        }
+    }
+}
+
+/// The samples of one family (see [`Exposition::family`]).
+pub struct Family<'a> {
+    out: &'a mut String,
+    name: &'a str,
+}
+
+impl Exposition {
+    pub fn new() -> Exposition {
+        Exposition {
+            out: String::with_capacity(8192),
+        }
+    }
+
+    /// Starts a family: its HELP and TYPE lines; add its samples to what this returns.
+    pub fn family<'a>(&'a mut self, name: &'a str, kind: Kind, help: &str) -> Family<'a> {
+        let _ = writeln!(
+            self.out,
+            "# HELP {name} {}\n# TYPE {name} {}",
+            help.replace('\\', "\\\\").replace('\n', "\\n"),
+            kind.as_str()
+        );
+        Family {
+            out: &mut self.out,
+            name,
+        }
+    }
+
+    /// A counter family with one unlabelled sample.
+    pub fn counter(&mut self, name: &str, help: &str, v: u64) {
+        self.family(name, Kind::Counter, help).sample(&[], v);
+    }
+
+    /// A gauge family with one unlabelled sample.
+    pub fn gauge(&mut self, name: &str, help: &str, v: impl std::fmt::Display) {
+        self.family(name, Kind::Gauge, help).sample(&[], v);
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+impl Family<'_> {
+    /// One sample of the family, with these labels (values escaped).
+    pub fn sample(&mut self, labels: &[(&str, &str)], v: impl std::fmt::Display) -> &mut Self {
+        let name = self.name;
+        self.suffixed(name, "", labels, v);
+        self
+    }
+
+    fn suffixed(&mut self, name: &str, suffix: &str, labels: &[(&str, &str)], v: impl std::fmt::Display) {
+        let _ = write!(self.out, "{name}{suffix}");
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"");
+                for c in val.chars() {
+                    match c {
+                        '\\' => self.out.push_str("\\\\"),
+                        '"' => self.out.push_str("\\\""),
+                        '\n' => self.out.push_str("\\n"),
+                        c => self.out.push(c),
+                    }
+                }
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {v}");
+    }
+
+    /// A summary's `_sum` and `_count` samples.
+    pub fn sum_count(&mut self, labels: &[(&str, &str)], sum: f64, count: u64) -> &mut Self {
+        let name = self.name;
+        self.suffixed(name, "_sum", labels, sum);
+        self.suffixed(name, "_count", labels, count);
+        self
+    }
+
+    /// A histogram's buckets, sum and count.
+    fn histogram(&mut self, labels: &[(&str, &str)], h: &Histogram) -> &mut Self {
+        let name = self.name;
+        let mut with_le: Vec<(&str, &str)> = labels.to_vec();
+        let les: Vec<String> = BUCKETS.iter().map(|b| b.to_string()).collect();
+        for (i, le) in les.iter().enumerate() {
+            with_le.push(("le", le));
+            self.suffixed(name, "_bucket", &with_le, h.buckets[i]);
+            with_le.pop();
+        }
+        with_le.push(("le", "+Inf"));
+        self.suffixed(name, "_bucket", &with_le, h.count);
+        self.suffixed(name, "_sum", labels, h.sum);
+        self.suffixed(name, "_count", labels, h.count);
+        self
+    }
+}
+
 /// What the API knows at scrape time.
 pub struct Live<'a> {
     pub index: u64,
@@ -273,96 +421,58 @@ pub struct Live<'a> {
     pub blocking_queries: usize,
 }
 
-pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &Live) -> String {
-    let (index, roles) = (live.index, live.roles);
-    let mut out = String::with_capacity(4096);
-    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    head(
-        &mut out,
-        "rollcall_build_info",
-        "gauge",
-        "Version of the running rollcall.",
-    );
-    let _ = writeln!(
-        out,
-        "rollcall_build_info{{version=\"{}\",revision=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION"),
-        env!("ROLLCALL_GIT_REV")
-    );
+/// Renders the DNS, registry, API and process families (the `/metrics` handler adds etcd's).
+pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &Live) -> Exposition {
+    let mut out = Exposition::new();
+    out.family("rollcall_build_info", Kind::Gauge, "Version of the running rollcall.")
+        .sample(
+            &[("version", env!("CARGO_PKG_VERSION")), ("revision", env!("ROLLCALL_GIT_REV"))],
+            1,
+        );
 
     let udp = dns.udp.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let per_transport = [
         ("udp", sum_blocks(udp.iter().map(|b| &**b))),
         ("tcp", sum_blocks(std::iter::once(&dns.tcp.0))),
     ];
-    head(
-        &mut out,
+    let mut f = out.family(
         "rollcall_dns_queries_total",
-        "counter",
+        Kind::Counter,
         "DNS queries answered, by transport and query type.",
     );
     for (transport, (q, ..)) in &per_transport {
         for (i, (_, name)) in QTYPES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "rollcall_dns_queries_total{{transport=\"{transport}\",qtype=\"{name}\"}} {}",
-                q[i]
-            );
+            f.sample(&[("transport", transport), ("qtype", name)], q[i]);
         }
     }
-    head(
-        &mut out,
+    let mut f = out.family(
         "rollcall_dns_responses_total",
-        "counter",
+        Kind::Counter,
         "DNS responses, by transport and response code.",
     );
     for (transport, (_, r, ..)) in &per_transport {
         for (i, name) in RCODES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "rollcall_dns_responses_total{{transport=\"{transport}\",rcode=\"{name}\"}} {}",
-                r[i]
-            );
+            f.sample(&[("transport", transport), ("rcode", name)], r[i]);
         }
     }
-    head(
-        &mut out,
+    out.counter(
         "rollcall_dns_truncated_total",
-        "counter",
         "UDP answers sent with TC set (the client retries over TCP).",
+        per_transport[0].1 .2,
     );
-    let _ = writeln!(
-        out,
-        "rollcall_dns_truncated_total {}",
-        per_transport[0].1 .2
-    );
-    head(
-        &mut out,
+    out.counter(
         "rollcall_dns_dropped_total",
-        "counter",
         "Datagrams dropped unanswered (runts, responses).",
+        per_transport[0].1 .3,
     );
-    let _ = writeln!(out, "rollcall_dns_dropped_total {}", per_transport[0].1 .3);
-    head(
-        &mut out,
+    out.counter(
         "rollcall_dns_rate_limited_total",
-        "counter",
         "UDP responses held back by rate limiting (--rate-limit): dropped, or sent truncated (slip).",
-    );
-    let _ = writeln!(
-        out,
-        "rollcall_dns_rate_limited_total {}",
-        rate_limited(udp.iter().map(|b| &**b))
+        rate_limited(udp.iter().map(|b| &**b)),
     );
 
     let events = [
-        (
-            "rollcall_registrations_total",
-            "New registrations.",
-            &reg.registrations,
-        ),
+        ("rollcall_registrations_total", "New registrations.", &reg.registrations),
         (
             "rollcall_renewals_total",
             "Lease renewals (PUT of an unchanged node, session heartbeats).",
@@ -373,26 +483,14 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
             "Deregistrations (DELETE, closed sessions).",
             &reg.deregistrations,
         ),
-        (
-            "rollcall_expiries_total",
-            "Leases that ran out.",
-            &reg.expiries,
-        ),
-        (
-            "rollcall_session_opens_total",
-            "Sessions opened.",
-            &reg.session_opens,
-        ),
+        ("rollcall_expiries_total", "Leases that ran out.", &reg.expiries),
+        ("rollcall_session_opens_total", "Sessions opened.", &reg.session_opens),
         (
             "rollcall_session_closes_total",
             "Sessions whose connection closed while holding a node.",
             &reg.session_closes,
         ),
-        (
-            "rollcall_snapshot_publishes_total",
-            "DNS snapshots published.",
-            &reg.publishes,
-        ),
+        ("rollcall_snapshot_publishes_total", "DNS snapshots published.", &reg.publishes),
         (
             "rollcall_changes_total",
             "PUTs that changed a registered node (address, port, service, ttl, weight, meta).",
@@ -410,111 +508,80 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
         ),
     ];
     for (name, help, c) in events {
-        head(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {}", c.load(Relaxed));
+        out.counter(name, help, c.load(Relaxed));
     }
-    head(
-        &mut out,
-        "rollcall_index",
-        "gauge",
-        "Generation index of the registry.",
-    );
-    let _ = writeln!(out, "rollcall_index {index}");
-    head(&mut out, "rollcall_nodes", "gauge", "Live nodes per role.");
-    for (role, n) in roles {
-        let _ = writeln!(out, "rollcall_nodes{{role=\"{role}\"}} {n}");
+    out.gauge("rollcall_index", "Generation index of the registry.", live.index);
+    let mut f = out.family("rollcall_nodes", Kind::Gauge, "Live nodes per role.");
+    for (role, n) in live.roles {
+        f.sample(&[("role", role)], n);
     }
 
-    head(
-        &mut out,
-        "rollcall_http_request_duration_seconds",
-        "histogram",
-        "HTTP API requests by method, route and status.",
-    );
     let map = api
         .requests
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let mut f = out.family(
+        "rollcall_http_request_duration_seconds",
+        Kind::Histogram,
+        "HTTP API requests by method, route and status.",
+    );
     for ((method, route, status, blocking), h) in map {
-        let labels = format!(
-            "method=\"{method}\",route=\"{route}\",status=\"{status}\",blocking=\"{blocking}\""
-        );
-        histogram(
-            &mut out,
-            "rollcall_http_request_duration_seconds",
-            &labels,
+        let (status, blocking) = (status.to_string(), blocking.to_string());
+        f.histogram(
+            &[("method", &method), ("route", &route), ("status", &status), ("blocking", &blocking)],
             &h,
         );
     }
-    gauge(
-        &mut out,
+    let mut f = out.family(
+        "rollcall_http_tls_handshakes_total",
+        Kind::Counter,
+        "Connections to the API's TLS port by how they started: ok, failed (a refused \
+         certificate or protocol), timeout, plaintext (a plain-HTTP request, answered 400).",
+    );
+    for (i, outcome) in TLS_OUTCOMES.iter().enumerate() {
+        f.sample(&[("result", outcome)], api.tls[i].load(Relaxed));
+    }
+    out.gauge(
         "rollcall_sessions",
         "Open WebSocket sessions (one per node that holds one).",
-        live.sessions as f64,
+        live.sessions,
     );
-    gauge(
-        &mut out,
+    out.gauge(
         "rollcall_blocking_queries",
         "Blocking queries (GET ...?index=) waiting now.",
-        live.blocking_queries as f64,
+        live.blocking_queries,
     );
     if let Some(cell) = dns.snapshot.get() {
-        head(
-            &mut out,
-            "rollcall_soa_serial",
-            "gauge",
-            "SOA serial of each served zone.",
-        );
+        let mut f = out.family("rollcall_soa_serial", Kind::Gauge, "SOA serial of each served zone.");
         for z in &cell.load().zones {
-            let _ = writeln!(
-                out,
-                "rollcall_soa_serial{{zone=\"{}\"}} {}",
-                z.apex_name, z.serial
-            );
+            f.sample(&[("zone", &z.apex_name.to_string())], z.serial);
         }
     }
-    head(
-        &mut out,
+    out.family(
         "rollcall_zone_loads_total",
-        "counter",
+        Kind::Counter,
         "Loads of the zone files (at start and on SIGHUP), by result; a failed one keeps the previous zones.",
-    );
-    let _ = writeln!(
-        out,
-        "rollcall_zone_loads_total{{result=\"ok\"}} {}\nrollcall_zone_loads_total{{result=\"error\"}} {}",
-        dns.zone_loads_ok.load(Relaxed),
-        dns.zone_loads_failed.load(Relaxed)
-    );
-    gauge(
-        &mut out,
+    )
+    .sample(&[("result", "ok")], dns.zone_loads_ok.load(Relaxed))
+    .sample(&[("result", "error")], dns.zone_loads_failed.load(Relaxed));
+    out.gauge(
         "rollcall_zone_last_load_timestamp_seconds",
         "When the zone files last loaded successfully (Unix time).",
         dns.zone_last_load_ms.load(Relaxed) as f64 / 1000.0,
     );
-    gauge(
-        &mut out,
+    out.gauge(
         "rollcall_zone_last_load_duration_seconds",
         "How long that load took.",
         dns.zone_last_load_us.load(Relaxed) as f64 / 1e6,
     );
-    head(
-        &mut out,
+    out.family(
         "rollcall_journal_commit_seconds",
-        "histogram",
+        Kind::Histogram,
         "Data dir commits: durable=\"true\" with fsync (registrations, deregistrations), \"false\" written only (renewals).",
-    );
-    for (durable, h) in [
-        ("true", reg.commit_durable.snapshot()),
-        ("false", reg.commit_buffered.snapshot()),
-    ] {
-        histogram(
-            &mut out,
-            "rollcall_journal_commit_seconds",
-            &format!("durable=\"{durable}\""),
-            &h,
-        );
-    }
+    )
+    .histogram(&[("durable", "true")], &reg.commit_durable.snapshot())
+    .histogram(&[("durable", "false")], &reg.commit_buffered.snapshot());
     process_metrics(&mut out);
     if let Some(f) = dns.forward.get() {
         f.render(&mut out);
@@ -522,21 +589,8 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
     out
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, v: f64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-}
-
-fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
-    for (i, b) in BUCKETS.iter().enumerate() {
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {}", h.buckets[i]);
-    }
-    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
-}
-
 /// The standard process_* families, from /proc/self (Linux); nothing where it cannot be read.
-fn process_metrics(out: &mut String) {
+fn process_metrics(out: &mut Exposition) {
     // SAFETY: sysconf with constant names, no pointers.
     let (tck, page) = unsafe {
         (
@@ -553,23 +607,18 @@ fn process_metrics(out: &mut String) {
         // rest[0] is field 3 (state): utime 14, stime 15, starttime 22, vsize 23, rss 24.
         let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<f64>().ok());
         if let (Some(u), Some(s)) = (field(14), field(15)) {
-            let _ = writeln!(
-                out,
-                "# HELP process_cpu_seconds_total User and system CPU time.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
-                (u + s) / tck
-            );
+            out.family("process_cpu_seconds_total", Kind::Counter, "User and system CPU time.")
+                .sample(&[], (u + s) / tck);
         }
         if let Some(v) = field(23) {
-            gauge(
-                out,
+            out.gauge(
                 "process_virtual_memory_bytes",
                 "Virtual memory size.",
                 v,
             );
         }
         if let Some(r) = field(24) {
-            gauge(
-                out,
+            out.gauge(
                 "process_resident_memory_bytes",
                 "Resident memory size.",
                 r * page,
@@ -580,8 +629,7 @@ fn process_metrics(out: &mut String) {
                 .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
         });
         if let (Some(start), Some(btime)) = (field(22), btime) {
-            gauge(
-                out,
+            out.gauge(
                 "process_start_time_seconds",
                 "Start time of the process (Unix time).",
                 btime + start / tck,
@@ -589,8 +637,7 @@ fn process_metrics(out: &mut String) {
         }
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        gauge(
-            out,
+        out.gauge(
             "process_open_fds",
             "Open file descriptors.",
             fds.count() as f64,
@@ -602,8 +649,7 @@ fn process_metrics(out: &mut String) {
     };
     // SAFETY: getrlimit writes into the struct we own.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        gauge(
-            out,
+        out.gauge(
             "process_max_fds",
             "Limit of open file descriptors.",
             lim.rlim_cur as f64,

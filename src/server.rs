@@ -48,6 +48,10 @@ pub struct Running {
     builder: Arc<Mutex<Builder>>,
     config: ServeConfig,
     reserved: Arc<arc_swap::ArcSwap<std::collections::BTreeSet<String>>>,
+    /// The API's TLS config (None: plain HTTP); SIGHUP swaps it.
+    tls: Option<api::serve::TlsConfig>,
+    /// The API's tokens; SIGHUP swaps them when they come from --token-file.
+    tokens: Arc<arc_swap::ArcSwap<api::tokens::Tokens>>,
     shutdown: CancellationToken,
     registry_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
@@ -135,7 +139,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         }
     }
     for z in &statics {
-        tracing::info!(zone = %z.origin, file = %z.path.display(), records = z.record_count, "loaded zone file");
+        tracing::info!(zone = %z.origin, file = %std::path::absolute(&z.path).unwrap_or_else(|_| z.path.clone()).display(), records = z.record_count, "loaded zone file");
     }
     let mut udp = Vec::new();
     let mut tcps = Vec::new();
@@ -191,11 +195,20 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     };
     let builder = Arc::new(Mutex::new(Builder::new(settings, statics)));
     let cell = builder.lock().unwrap().cell();
+    let reserved = Arc::new(arc_swap::ArcSwap::from_pointee(reserved_roles(
+        &config,
+        &builder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .statics_names(),
+    )));
     let (registry, registry_task) = match &config.etcd {
         Some(etcd) => {
             tracing::info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix, "etcd mode: registrations live in etcd, shared with every server on it");
             Registry::start_etcd(
                 etcd.clone(),
+                config.etcd_access.clone(),
+                api::registration_check(Arc::new(config.access.clone()), reserved.clone()),
                 journal,
                 loaded,
                 Box::new(builder.clone()),
@@ -213,7 +226,6 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         ),
     };
 
-    let allow_query: Arc<[ipnet::IpNet]> = config.allow_query.clone().into();
     let _ = dns_stats.snapshot.set(cell.clone());
     let rate_limit = Arc::new(dns::rrl::RateLimit::new(config.rate_limit.clone()));
     let forward = config.forward.clone().map(|f| {
@@ -225,24 +237,35 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
                 tracing::info!(domain = %r.domain, upstreams = %ups.join(","), "forwarding");
             }
         }
-        let nets: Vec<String> = f.allow.iter().map(|n| n.to_string()).collect();
-        tracing::info!(allow_recursion = %nets.join(","), "names outside our zones are forwarded for these clients only");
-        let f = Arc::new(dns::forward::start(f, &dns_addrs, shutdown.clone()));
+        tracing::info!(allow_recursion = %f.allow, "names outside our zones are forwarded for these clients only");
+        let f = Arc::new(dns::forward::start(
+            f,
+            &dns_addrs,
+            rate_limit.clone(),
+            dns_stats.udp_thread(),
+            shutdown.clone(),
+        ));
         let _ = dns_stats.forward.set(f.stats.clone());
         f
+    });
+    if config.rate_limit.limit > 0 {
+        tracing::info!(exempt = %config.rate_limit.exempt, limit = config.rate_limit.limit, "UDP responses rate limited per /24 (/56), except for these sources");
+    }
+    let policy = Arc::new(dns::policy::Policy {
+        allow_query: config.allow_query.clone(),
+        rate_limit,
+        forward,
     });
     let udp_threads = dns::udp::spawn(
         udp,
         cell.clone(),
-        allow_query.clone(),
-        rate_limit,
-        forward.clone(),
+        policy.clone(),
         dns_stats.clone(),
         shutdown.clone(),
     );
     let tcp_thread = {
-        let (cell, allow_query, dns_stats, shutdown) =
-            (cell, allow_query, dns_stats.clone(), shutdown.clone());
+        let (cell, policy, dns_stats, shutdown) =
+            (cell, policy, dns_stats.clone(), shutdown.clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -266,8 +289,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
                         dns::tcp::serve(
                             tcp,
                             cell.clone(),
-                            allow_query.clone(),
-                            forward.clone(),
+                            policy.clone(),
                             dns_stats.clone(),
                             shutdown.clone(),
                         )
@@ -277,28 +299,41 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
             .expect("spawning a thread")
     };
 
-    let reserved = Arc::new(arc_swap::ArcSwap::from_pointee(reserved_roles(
-        &config,
-        &builder
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .statics_names(),
-    )));
     let state = AppState::new(registry.clone(), config.access.clone(), shutdown.clone())
         .with_reserved_roles(reserved.clone())
         .with_dns_stats(dns_stats.clone())
         .with_max_wait(config.max_wait)
         .with_max_waiters_per_client(config.max_waits_per_client);
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| Arc::new(arc_swap::ArcSwap::new(t.initial.clone())));
+    let tokens = state.access.tokens.clone();
+    let api_metrics = state.api_metrics.clone();
     let http_task = tokio::spawn(api::serve::serve(
         http,
         api::router(state),
         shutdown.clone(),
+        tls.clone(),
+        api_metrics,
     ));
 
     for a in &dns_addrs {
         tracing::info!(udp = %a, tcp = %a, threads = config.dns_threads, zone = %config.zone, "listening for DNS");
     }
-    tracing::info!(http = %http_addr, "listening for HTTP");
+    match &config.tls {
+        Some(t) => tracing::info!(
+            http = %http_addr,
+            cert = %t.files.cert.display(),
+            client_ca = %t.files.client_ca.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            "listening for HTTP (HTTPS only: plain-HTTP requests get 400)"
+        ),
+        None => tracing::info!(http = %http_addr, "listening for HTTP"),
+    }
+    if let Some(path) = &config.token_file {
+        let t = tokens.load();
+        tracing::info!(token_file = %path.display(), tokens = t.len(), scoped = t.scoped(), "API tokens from the token file");
+    }
     let stop_on_drop = shutdown.clone().drop_guard();
     Ok(Running {
         dns_addr,
@@ -309,6 +344,8 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
         builder,
         config,
         reserved,
+        tls,
+        tokens,
         shutdown,
         registry_task,
         http_task,
@@ -385,6 +422,56 @@ impl Running {
         Ok(n)
     }
 
+    /// Reads --tls-cert, --tls-key and --tls-client-ca again; new handshakes use them, open
+    /// connections keep theirs. On error the old config stays. None without TLS.
+    pub fn reload_tls(&self) -> Option<Result<(), String>> {
+        let (tls, files) = (self.tls.as_ref()?, &self.config.tls.as_ref()?.files);
+        Some(files.load().map(|c| tls.store(c)))
+    }
+
+    /// Reads --token-file again (the number of tokens); on error the old tokens stay. None
+    /// without a token file.
+    pub fn reload_tokens(&self) -> Option<Result<usize, String>> {
+        let path = self.config.token_file.as_ref()?;
+        Some(api::tokens::Tokens::load(path).map(|t| {
+            let n = t.len();
+            self.tokens.store(Arc::new(t));
+            n
+        }))
+    }
+
+    /// Everything SIGHUP reloads: zone files, the TLS files, the token file. Each part that
+    /// fails keeps what it had and is logged; returns whether all succeeded.
+    pub fn reload(&self) -> bool {
+        let mut ok = true;
+        match self.reload_zones() {
+            Ok(n) => tracing::info!(zones = n, "reloaded zone files"),
+            Err(e) => {
+                ok = false;
+                tracing::error!("zone reload failed, still serving the previous zones: {e}");
+            }
+        }
+        match self.reload_tls() {
+            None => {}
+            Some(Ok(())) => {
+                tracing::info!("reloaded the TLS certificate and key: new connections use them")
+            }
+            Some(Err(e)) => {
+                ok = false;
+                tracing::error!("TLS reload failed, still serving the previous certificate: {e}");
+            }
+        }
+        match self.reload_tokens() {
+            None => {}
+            Some(Ok(n)) => tracing::info!(tokens = n, "reloaded the token file"),
+            Some(Err(e)) => {
+                ok = false;
+                tracing::error!("token file reload failed, the previous tokens stay: {e}");
+            }
+        }
+        ok
+    }
+
     /// A token that stops the server when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -422,15 +509,10 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
             _ = shutdown.cancelled() => break,
             _ = hup.recv() => {
                 crate::systemd::notify("RELOADING=1");
-                match running.reload_zones() {
-                    Ok(n) => {
-                        tracing::info!(zones = n, "reloaded zone files");
-                        crate::systemd::notify("READY=1\nSTATUS=serving");
-                    }
-                    Err(e) => {
-                        tracing::error!("zone reload failed, still serving the previous zones: {e}");
-                        crate::systemd::notify("READY=1\nSTATUS=serving the previous zones: the last reload failed");
-                    }
+                if running.reload() {
+                    crate::systemd::notify("READY=1\nSTATUS=serving");
+                } else {
+                    crate::systemd::notify("READY=1\nSTATUS=serving the previous settings: part of the last reload failed (see the log)");
                 }
             }
         }

@@ -10,9 +10,11 @@ use crate::cli::StatusArgs;
 /// Validated settings of `rollcall status`.
 #[derive(Clone, Debug)]
 pub struct StatusConfig {
-    /// Every `--api` server, in the order they are tried (plain http, a host, no query).
+    /// Every `--api` server, in the order they are tried (http or https, a host, no query).
     pub apis: Vec<String>,
     pub token: Option<String>,
+    /// TLS for https:// servers (None: every --api is http://).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Only this role (a valid label).
     pub role: Option<String>,
     pub json: bool,
@@ -22,8 +24,10 @@ pub struct StatusConfig {
 impl StatusConfig {
     /// Checks every flag once; the error says which flag and what to do.
     pub fn from_args(args: StatusArgs) -> Result<StatusConfig, String> {
-        // The same URL rules as `register`: plain http, a host, no query.
+        // The same URL rules as `register`: http or https, a host, no query.
         let apis = crate::client::api_urls(&args.client.api)?;
+        let urls: Vec<&str> = apis.iter().map(String::as_str).collect();
+        let tls = crate::client::tls_for(&args.client.tls.files(), &urls)?;
         let token = crate::config::read_token(args.client.token, args.client.token_file.as_ref())
             .map_err(|e| e.to_string())?;
         let role = match &args.role {
@@ -37,6 +41,7 @@ impl StatusConfig {
         Ok(StatusConfig {
             apis,
             token,
+            tls,
             role,
             json: args.json,
             watch: args.watch,
@@ -48,6 +53,7 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
     let StatusConfig {
         apis,
         token,
+        tls,
         role,
         json,
         watch,
@@ -56,9 +62,13 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
     // Several servers: the first that answers.
     let mut api = first;
     if apis.len() > 1 {
-        let probe = crate::client::http(Duration::from_secs(2), Some(Duration::from_secs(2)))
-            .build()
-            .map_err(|e| (1, e.to_string()))?;
+        let probe = crate::client::http(
+            Duration::from_secs(2),
+            Some(Duration::from_secs(2)),
+            tls.as_ref(),
+        )
+        .build()
+        .map_err(|e| (1, e.to_string()))?;
         for a in &apis {
             if probe
                 .get(format!("{a}/healthz"))
@@ -72,7 +82,7 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
         }
     }
     // Like `register`: rollcall is reached directly, never through an HTTP proxy.
-    let client = crate::client::http(Duration::from_secs(5), None)
+    let client = crate::client::http(Duration::from_secs(5), None, tls.as_ref())
         .build()
         .map_err(|e| (1, e.to_string()))?;
     let get = |url: String| {
@@ -149,6 +159,8 @@ pub async fn run(args: StatusArgs) -> Result<u8, (u8, String)> {
 /// Why a request to the API failed: not reached, or answered with an error.
 enum FetchError {
     Unreachable(String),
+    /// Reached, but TLS failed: the sentence says what to do.
+    Tls(String),
     Answered(reqwest::StatusCode, String),
 }
 
@@ -159,6 +171,7 @@ impl FetchError {
             FetchError::Unreachable(why) => format!(
                 "cannot reach rollcall at {api}: {why} (is `rollcall serve` running? see --api)"
             ),
+            FetchError::Tls(why) => format!("cannot talk to rollcall at {api}: {why}"),
             FetchError::Answered(status, msg) if status.as_u16() == 401 => format!(
                 "rollcall at {api} answered {status}: {msg} (give the server's token with --token or --token-file)"
             ),
@@ -176,7 +189,10 @@ async fn fetch<T: serde::de::DeserializeOwned>(
         .timeout(Duration::from_secs(90))
         .send()
         .await
-        .map_err(|e| FetchError::Unreachable(crate::client::chain(&e)))?;
+        .map_err(|e| match crate::tls::explain(&e) {
+            Some(sentence) => FetchError::Tls(sentence),
+            None => FetchError::Unreachable(crate::client::chain(&e)),
+        })?;
     let status = resp.status();
     if !status.is_success() {
         let msg = crate::client::error_message(&resp.text().await.unwrap_or_default());
@@ -200,6 +216,15 @@ fn human(secs: f64) -> String {
             (s / 3600.0) as u64,
             ((s % 3600.0) / 60.0) as u64
         )
+    }
+}
+
+/// `1 node`, `0 nodes`, `2 roles`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
@@ -259,9 +284,9 @@ pub fn table(index: u64, nodes: &[NodeOut]) -> String {
     }
     let roles: std::collections::BTreeSet<&str> = nodes.iter().map(|n| n.role.as_str()).collect();
     out.push_str(&format!(
-        "{} nodes in {} roles, index {index}\n",
-        nodes.len(),
-        roles.len()
+        "{} in {}, index {index}\n",
+        count(nodes.len(), "node"),
+        count(roles.len(), "role")
     ));
     out
 }

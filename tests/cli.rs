@@ -252,6 +252,62 @@ fn registrations_survive_kill_9_and_restart() {
         == "10.0.0.1"));
 }
 
+/// Started with the relative defaults' kind of paths (`--zones zones --data-dir data`), the
+/// server logs the zone files and the data dir it used as absolute paths.
+#[test]
+fn the_start_up_log_gives_absolute_paths() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    zones_with_cluster(dir.path());
+    let mut child = Command::new(rollcall_bin())
+        .args([
+            "serve",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--zones",
+            "zones",
+            "--data-dir",
+            "data",
+        ])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        let done = line.contains("listening for HTTP");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let root = dir.path().canonicalize().unwrap();
+    let zone_file = root.join("zones").join("cluster.zone");
+    let data_dir = root.join("data");
+    assert!(
+        lines.iter().any(|l| l.contains("loaded zone file")
+            && l.contains(&format!("file={}", zone_file.display()))),
+        "no absolute zone file path {}: {lines:#?}",
+        zone_file.display()
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("opened the data dir")
+            && l.contains(&format!("data_dir={}", data_dir.display()))),
+        "no absolute data dir {}: {lines:#?}",
+        data_dir.display()
+    );
+}
+
 #[test]
 fn a_second_server_on_the_same_data_dir_refuses() {
     let dir = tempfile::tempdir().unwrap();
@@ -367,6 +423,7 @@ fn help_shows_every_flag_with_default_and_env() {
         .args(["serve", "--help"])
         .output()
         .unwrap();
+    let help_lines = String::from_utf8_lossy(&out.stdout).lines().count();
     // clap wraps long lines: compare with whitespace runs folded to one space.
     let help = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
@@ -386,6 +443,39 @@ fn help_shows_every_flag_with_default_and_env() {
             "serve --help lacks {needle:?}:\n{help}"
         );
     }
+    // `-h` is the summary: each flag's first sentence, still with its env twin and default;
+    // `--help` the whole text.
+    let out = Command::new(rollcall_bin())
+        .args(["serve", "-h"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let short_lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    let short = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for needle in [
+        "--dns-listen",
+        "[default: 127.0.0.1:1053]",
+        "[env: ROLLCALL_DNS_LISTEN=]",
+        "Directory of static RFC 1035 zone files",
+        "see more with '--help'",
+    ] {
+        assert!(
+            short.contains(needle),
+            "serve -h lacks {needle:?}:\n{short}"
+        );
+    }
+    assert!(
+        help.contains("A missing directory means no static records")
+            && !short.contains("A missing directory means no static records"),
+        "serve -h should give the first sentence only:\n{short}"
+    );
+    assert!(
+        short_lines * 3 < help_lines * 2,
+        "serve -h ({short_lines} lines) is no summary of --help ({help_lines} lines)"
+    );
     for sub in ["register", "hipache-sync", "status"] {
         let out = Command::new(rollcall_bin())
             .args([sub, "--help"])
@@ -487,6 +577,19 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         String::from_utf8_lossy(&out.stdout)
     );
 
+    // Counts are pluralised: "1 node in 1 role", "0 nodes in 0 roles".
+    let out = status(&["--api", &server.api(), "--role", "frontserver"])
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\n1 node in 1 role, index "), "{text}");
+    let out = status(&["--api", &server.api(), "--role", "nope"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0 nodes in 0 roles, index "), "{text}");
+
     let out = status(&["--api", &server.api(), "--role", "appserver", "--json"])
         .output()
         .unwrap();
@@ -567,11 +670,17 @@ fn status_prints_roles_and_nodes_and_watches_changes() {
         .unwrap();
     assert_eq!(both.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&both.stderr).contains("give one"));
-    let out = status(&["--api", "https://127.0.0.1:8053"])
+    // https:// to a plain-HTTP server: a sentence, not a TLS library's message (HTTPS itself
+    // is tested in tests/tls.rs).
+    let out = status(&["--api", &format!("https://{}", guarded.http)])
         .output()
         .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not speak TLS there"), "{err}");
+    let out = status(&["--api", "ftp://127.0.0.1:8053"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("plain HTTP"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("scheme"));
 }
 
 /// `rollcall status` with `args`.
@@ -1112,19 +1221,31 @@ fn completions_and_man_pages() {
         .output()
         .unwrap();
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let head = Command::new("git")
+    // Without git the revision cannot be asked here: the binary must then carry what build.rs
+    // found when it was built (build.rs treats a missing git as "no revision"; a binary built
+    // before git was installed keeps that until build.rs runs again).
+    match Command::new("git")
         .args(["rev-parse", "--short=7", "HEAD"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-        .unwrap();
-    if head.status.success() {
-        let rev = String::from_utf8_lossy(&head.stdout).trim().to_string();
-        assert_eq!(
-            version,
-            format!("rollcall {} ({rev})", env!("CARGO_PKG_VERSION"))
-        );
-    } else {
-        assert_eq!(version, format!("rollcall {}", env!("CARGO_PKG_VERSION")));
+    {
+        Ok(head) if head.status.success() => {
+            let rev = String::from_utf8_lossy(&head.stdout).trim().to_string();
+            assert_eq!(
+                version,
+                format!("rollcall {} ({rev})", env!("CARGO_PKG_VERSION"))
+            );
+        }
+        Ok(_) => assert_eq!(version, format!("rollcall {}", env!("CARGO_PKG_VERSION"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "git is not installed (tests/run.sh installs it): checking --version against \
+                 what build.rs found, {:?}",
+                env!("ROLLCALL_VERSION")
+            );
+            assert_eq!(version, format!("rollcall {}", env!("ROLLCALL_VERSION")));
+        }
+        Err(e) => panic!("cannot run `git rev-parse` to check --version: {e}"),
     }
     let main = std::fs::read_to_string(pages.join("rollcall.1")).unwrap();
     assert!(

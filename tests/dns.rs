@@ -611,7 +611,7 @@ async fn edns_is_echoed_and_unknown_versions_get_badvers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_outside_allow_query_are_refused() {
     let mut cfg = ServeConfig::for_tests();
-    cfg.allow_query = vec!["10.0.0.0/8".parse().unwrap()];
+    cfg.allow_query = rollcall::dns::acl::Acl::only(vec!["10.0.0.0/8".parse().unwrap()]);
     let running = start(cfg).await.unwrap();
     let m = udp_query(running.dns_addr, "cluster.", RecordType::SOA, None);
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
@@ -623,7 +623,7 @@ async fn clients_outside_allow_query_are_refused() {
     assert!(m.answers.is_empty());
 
     let mut cfg = ServeConfig::for_tests();
-    cfg.allow_query = vec!["127.0.0.0/8".parse().unwrap()];
+    cfg.allow_query = rollcall::dns::acl::Acl::only(vec!["127.0.0.0/8".parse().unwrap()]);
     let running = start(cfg).await.unwrap();
     let m = udp_query(running.dns_addr, "cluster.", RecordType::SOA, None);
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);

@@ -11,17 +11,31 @@
 //! back from the volume, agents re-attached, nginx serving); a rolling replacement of the
 //! appservers (`docker/roll.sh`) with zero failed requests and the role never empty.
 //!
-//! The proxy tier: hipache cannot be installed on this machine, so the proxyserver is built at
-//! its `sync` stage (redis + `rollcall hipache-sync`), and the load goes through a **stand-in
-//! for hipache** written here: it reads the same redis list hipache reads
-//! (`frontend:localhost`, re-read every 100 ms through `redis-cli` in the proxyserver
-//! container; hipache reads it on every request) and sends each request to a random URL of it,
-//! with no retry (hipache retries up to 3 times: the stand-in is the stricter client).
+//! The proxy tier. With ROLLCALL_TEST_HIPACHE_TARBALL=FILE (a tar.gz of hipache 0.3.1 with its
+//! node_modules, see docker/proxyserver/vendor/README.md; CI sets it), the proxyserver is built
+//! at its real `hipache` stage from that file (copied into docker/proxyserver/vendor/ for the
+//! build, removed after) and the load goes through **real hipache**, on the proxyserver's
+//! address, as the README's `curl` does. Without it (hipache needs the npm registry otherwise)
+//! the proxyserver is built at its `sync` stage (redis + `rollcall hipache-sync`, port 80
+//! answering 503), and the load goes through a **stand-in for hipache** written here: it reads
+//! the same redis list hipache reads (`frontend:localhost`, re-read every 100 ms through
+//! `redis-cli` in the proxyserver container; hipache reads it on every request) and sends each
+//! request to a random URL of it, with no retry (hipache retries up to 3 times: the stand-in is
+//! the stricter client). Either way the demo appserver names the frontserver a request came
+//! through (its `X-Peer-Addr` header), so every check can say which frontserver served.
+//!
+//! A second test, `zero_touch_containers`, runs `docker/docker-compose.watch.yml` over the same
+//! stack: appservers and frontservers from plain images (no rollcall inside) registered by a
+//! `rollcall docker` service through the docker socket. It times their arrival in DNS, scaling
+//! up and down, `docker kill`, `docker pause`/`unpause`, a failing health check and a restart
+//! of the watcher (nothing may leave DNS meanwhile), each under load through the proxy tier.
+//! The two tests run one after the other (they share the daemon and the cores).
 //!
 //! The test needs root (the docker daemon) and creates only its own things: a compose project
-//! `rollcalltest<pid>`, its network on a free /24, its volume, images tagged `test-<pid>`, and the
-//! `debian:12-slim` base when it is missing (seeded with docker/seed-debian.sh). All are removed
-//! at the end, pass or fail (set ROLLCALL_TEST_KEEP_BASE=1 to keep a seeded base image).
+//! `rollcalltest<pid>`, its network on a free /24, its volume, images tagged `test-<pid>`, a
+//! throw-away container of the proxyserver image (the 503 page), the copied hipache tarball, and
+//! the `debian:12-slim` base when it is missing (seeded with docker/seed-debian.sh). All are
+//! removed at the end, pass or fail (set ROLLCALL_TEST_KEEP_BASE=1 to keep a seeded base image).
 
 #[path = "util/mod.rs"]
 mod util;
@@ -31,7 +45,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -97,11 +111,35 @@ fn free_net() -> String {
 /// removed when dropped.
 struct Images {
     tag: String,
-    seeded_base: bool,
+    /// The hipache tarball's name in docker/proxyserver/vendor/ (copied there for the build,
+    /// removed when dropped): the proxyserver is built at its real `hipache` stage. None: at
+    /// its `sync` stage, with the stand-in.
+    hipache_tarball: Option<String>,
+}
+
+impl Images {
+    /// The hipache tarball ROLLCALL_TEST_HIPACHE_TARBALL names, copied into the build context.
+    fn vendor_hipache(tag: &str) -> Option<String> {
+        let path = std::env::var_os("ROLLCALL_TEST_HIPACHE_TARBALL").filter(|p| !p.is_empty())?;
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "ROLLCALL_TEST_HIPACHE_TARBALL={}: no such file (a tar.gz of hipache 0.3.1 with its \
+             node_modules: docker/proxyserver/vendor/README.md)",
+            path.display()
+        );
+        let name = format!("rollcall-{tag}-hipache.tar.gz");
+        std::fs::copy(&path, repo().join("docker/proxyserver/vendor").join(&name))
+            .unwrap_or_else(|e| panic!("copying {} into the build context: {e}", path.display()));
+        Some(name)
+    }
 }
 
 impl Drop for Images {
     fn drop(&mut self) {
+        if let Some(name) = &self.hipache_tarball {
+            let _ = std::fs::remove_file(repo().join("docker/proxyserver/vendor").join(name));
+        }
         if std::env::var_os("ROLLCALL_TEST_KEEP_STACK").is_some() {
             return;
         }
@@ -111,10 +149,16 @@ impl Drop for Images {
             "rollcall-frontserver",
             "rollcall-proxyserver",
             "rollcall-etcd",
+            "rollcall-plain-appserver",
+            "rollcall-plain-frontserver",
         ] {
             let _ = run(Command::new("docker").args(["rmi", &format!("{image}:{}", self.tag)]));
         }
-        if self.seeded_base && std::env::var_os("ROLLCALL_TEST_KEEP_BASE").is_none() {
+        let last = FINISHED.fetch_add(1, Ordering::SeqCst) + 1 == DOCKER_TESTS;
+        if last
+            && SEEDED_BASE.load(Ordering::SeqCst)
+            && std::env::var_os("ROLLCALL_TEST_KEEP_BASE").is_none()
+        {
             let _ = run(Command::new("docker").args(["rmi", "debian:12-slim"]));
         }
     }
@@ -128,6 +172,8 @@ struct Stack {
     net: String,
     compose: Vec<String>,
     files: Vec<PathBuf>,
+    /// See [`Images::hipache_tarball`].
+    hipache_tarball: Option<String>,
 }
 
 impl Stack {
@@ -144,9 +190,20 @@ impl Stack {
             ),
             ("ROLLCALL_NET", self.net.clone()),
             ("ROLLCALL_TAG", self.tag.clone()),
-            ("ROLLCALL_PROXY_STAGE", "sync".into()),
-            // The published port of the proxyserver: any free one (no hipache listens on it
-            // in the sync stage, but compose still publishes it).
+            (
+                "ROLLCALL_PROXY_STAGE",
+                if self.hipache_tarball.is_some() {
+                    "hipache"
+                } else {
+                    "sync"
+                }
+                .into(),
+            ),
+            (
+                "HIPACHE_TARBALL",
+                self.hipache_tarball.clone().unwrap_or_default(),
+            ),
+            // The published port of the proxyserver: any free one (`docker port` tells).
             ("ROLLCALL_PUBLISH", "0".into()),
             ("ROLLCALL_FRONTEND", FRONTEND.into()),
         ]
@@ -182,8 +239,25 @@ impl Stack {
 
     /// `build`, then `up` with 3 appservers and 2 frontservers, each timed and printed.
     fn bring_up(&self, built: &str, up: &str) {
+        // compose 1.29 leaves the container of a failed build step behind unless told not to
+        // (v2 builds with BuildKit, which leaves none).
+        let force_rm: &[&str] = if self.compose[0].ends_with("docker-compose") {
+            &["--force-rm"]
+        } else {
+            &[]
+        };
         let t = Instant::now();
-        self.compose(&["build"]);
+        self.compose(&[&["build"][..], force_rm, &["proxyserver"][..]].concat());
+        eprintln!(
+            "compose build proxyserver ({}): {:.1} s",
+            match &self.hipache_tarball {
+                Some(t) => format!("hipache stage, hipache 0.3.1 from {t}"),
+                None => "sync stage".into(),
+            },
+            t.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        self.compose(&[&["build"][..], force_rm].concat());
         eprintln!("{built}: {:.1} s", t.elapsed().as_secs_f64());
         let t = Instant::now();
         self.scale(3, 2);
@@ -314,6 +388,8 @@ struct Sample {
     target: String,
     /// The appserver node that answered, or what went wrong.
     result: Result<String, String>,
+    /// The frontserver the request came through, as the appserver saw it (`X-Peer-Addr`).
+    via: Option<String>,
 }
 
 /// Where the load goes: a fixed list of frontserver addresses, or the stand-in for hipache.
@@ -326,15 +402,25 @@ struct Load {
     threads: Vec<JoinHandle<()>>,
 }
 
-fn get(addr: &str) -> Result<String, String> {
+/// GET `path` with `Host: localhost` (one connection): the whole response, head and body.
+fn get_raw(addr: &str, path: &str) -> Result<String, String> {
     let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let mut s =
         TcpStream::connect_timeout(&sa, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /hello/load HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .map_err(|e| e.to_string())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {FRONTEND}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
     let mut body = String::new();
     s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+/// GET /hello/load with `Host: localhost`: the appserver node that answered, and the address it
+/// saw the request come from (the frontserver).
+fn get(addr: &str) -> Result<(String, Option<String>), String> {
+    let body = get_raw(addr, "/hello/load")?;
     let status = body.split(' ').nth(1).unwrap_or("");
     if status != "200" {
         return Err(format!(
@@ -342,10 +428,20 @@ fn get(addr: &str) -> Result<String, String> {
             body.lines().next().unwrap_or("")
         ));
     }
+    let via = body
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .find_map(|h| {
+            let (k, v) = h.split_once(':')?;
+            k.eq_ignore_ascii_case("x-peer-addr")
+                .then(|| v.trim().to_string())
+        });
     // "Hello load, I'm <node> !"
     body.rsplit("I'm ")
         .next()
-        .map(|n| n.trim_end_matches(['!', ' ', '\n', '\r']).to_string())
+        .map(|n| (n.trim_end_matches(['!', ' ', '\n', '\r']).to_string(), via))
         .ok_or_else(|| format!("unexpected body {body:?}"))
 }
 
@@ -369,14 +465,16 @@ impl Load {
                                 Some(t[(n >> 8) % t.len()].clone())
                             }
                         };
-                        let result = match &target {
-                            Some(t) => get(t),
-                            None => Err("no target: the list is empty".into()),
+                        let (result, via) = match target.as_deref().map(get) {
+                            Some(Ok((node, via))) => (Ok(node), via),
+                            Some(Err(e)) => (Err(e), None),
+                            None => (Err("no target: the list is empty".into()), None),
                         };
                         samples.lock().unwrap().push(Sample {
                             at: Instant::now(),
                             target: target.unwrap_or_default(),
                             result,
+                            via,
                         });
                         std::thread::sleep(Duration::from_millis(20));
                     }
@@ -558,8 +656,89 @@ fn compose_program() -> Vec<String> {
     }
 }
 
-#[test]
-fn the_stack_in_containers() {
+/// Where the load "through the proxy tier" goes: real hipache on the proxyserver's address
+/// (hipache stage), or the stand-in following the proxyserver's redis list (sync stage). Checks
+/// that requests through it reach every one of `fronts` (the frontservers) and nothing fails.
+fn through_proxy(
+    stack: &Stack,
+    proxy: &str,
+    fronts: &BTreeSet<String>,
+) -> (Targets, Option<StandIn>) {
+    let targets = Targets(Arc::new(RwLock::new(Vec::new())));
+    let standin = if stack.hipache_tarball.is_some() {
+        let target = format!("{}:80", ip_of(proxy));
+        // start.sh starts hipache once the list is in redis (or after 30 s), and hipache takes
+        // a moment to spawn its workers: wait until it answers, then measure.
+        let mut last = Err(String::new());
+        assert!(
+            eventually(Duration::from_secs(45), || {
+                last = get(&target);
+                last.is_ok()
+            }),
+            "hipache on {target} does not answer: {last:?}"
+        );
+        *targets.0.write().unwrap() = vec![target];
+        None
+    } else {
+        let standin = StandIn::start(proxy.to_string(), targets.clone());
+        assert!(eventually(Duration::from_secs(5), || {
+            targets.0.read().unwrap().len() == fronts.len()
+        }));
+        Some(standin)
+    };
+    let what = if standin.is_some() {
+        "the stand-in for hipache"
+    } else {
+        "hipache"
+    };
+    let t0 = Instant::now();
+    let load = Load::start(targets.clone(), 4);
+    std::thread::sleep(Duration::from_secs(3));
+    let samples = load.finish();
+    assert_eq!(summary(&format!("through {what}"), &samples, t0), 0);
+    let seen: BTreeSet<String> = samples.iter().filter_map(|s| s.via.clone()).collect();
+    assert_eq!(
+        &seen, fronts,
+        "requests through {what} should reach every frontserver"
+    );
+    (targets, standin)
+}
+
+/// A container this test started outside compose: removed when dropped.
+struct ThrowAway(String);
+
+impl Drop for ThrowAway {
+    fn drop(&mut self) {
+        let _ = run(Command::new("docker").args(["rm", "-f", &self.0]));
+    }
+}
+
+/// Port 80 of a proxyserver without hipache (the `sync` stage, or HIPACHE_CMD empty) answers
+/// 503 with a page that says so and names the frontservers, not a bare connection reset.
+fn assert_no_hipache_page(addr: &str, fronts: &BTreeSet<String>) {
+    let mut page = String::new();
+    let ok = eventually(Duration::from_secs(20), || {
+        page = get_raw(addr, "/hello/you").unwrap_or_else(|e| e);
+        page.starts_with("HTTP/1.1 503 ")
+            && fronts
+                .iter()
+                .all(|f| page.contains(&format!("http://{f}:80")))
+    });
+    assert!(ok, "port 80 without hipache at {addr}: {page}");
+    assert!(page.contains("no hipache in this proxyserver"), "{page}");
+    assert!(page.contains("ROLLCALL_PROXY_STAGE=sync"), "{page}");
+}
+
+/// The docker tests share one daemon and the machine's 2 cores: they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+/// The docker tests in this file, and how many have finished: the last one removes a base
+/// image this process seeded.
+const DOCKER_TESTS: usize = 2;
+static FINISHED: AtomicUsize = AtomicUsize::new(0);
+static SEEDED_BASE: AtomicBool = AtomicBool::new(false);
+
+/// What every docker test needs first: a daemon, the release binary, the base image.
+fn setup() -> Images {
     require("docker");
     let info = run(Command::new("docker").args(["info", "-f", "{{.ServerVersion}}"]));
     assert!(
@@ -581,22 +760,42 @@ fn the_stack_in_containers() {
     );
     eprintln!("cargo build --release: {:.1} s", t.elapsed().as_secs_f64());
 
-    let seeded_base = run(Command::new("docker").args(["image", "inspect", "debian:12-slim"]))
+    let missing_base = run(Command::new("docker").args(["image", "inspect", "debian:12-slim"]))
         .status
         .code()
         != Some(0);
+    let tag = format!("test-{}", std::process::id());
     let images = Images {
-        tag: format!("test-{}", std::process::id()),
-        seeded_base,
+        hipache_tarball: Images::vendor_hipache(&tag),
+        tag,
     };
-    if seeded_base {
+    eprintln!(
+        "proxy tier: {}",
+        match &images.hipache_tarball {
+            Some(_) => "real hipache 0.3.1 (the proxyserver's hipache stage, from \
+                        ROLLCALL_TEST_HIPACHE_TARBALL)"
+                .to_string(),
+            None => "the proxyserver's sync stage and a stand-in for hipache (set \
+                     ROLLCALL_TEST_HIPACHE_TARBALL to build and use real hipache)"
+                .to_string(),
+        }
+    );
+    if missing_base {
         let t = Instant::now();
         run_ok(&mut Command::new(repo().join("docker/seed-debian.sh")));
+        SEEDED_BASE.store(true, Ordering::SeqCst);
         eprintln!(
             "seeded debian:12-slim in {:.1} s",
             t.elapsed().as_secs_f64()
         );
     }
+    images
+}
+
+#[test]
+fn the_stack_in_containers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let images = setup();
     eprintln!("\n== one rollcall server (docker/docker-compose.yml)");
     one_server(&images);
     eprintln!("\n== several rollcall servers over etcd (+ docker/docker-compose.etcd.yml)");
@@ -613,6 +812,7 @@ fn stack(images: &Images, suffix: &str, files: &[&str]) -> Stack {
             .iter()
             .map(|f| repo().join("docker").join(f))
             .collect(),
+        hipache_tarball: images.hipache_tarball.clone(),
     }
 }
 
@@ -669,6 +869,50 @@ fn one_server(images: &Images) {
         stack.redis_list(),
         want_list(&front_ips)
     );
+
+    // The README's `curl -H 'Host: localhost' http://127.0.0.1/hello/you`, on the host port the
+    // proxyserver is published on: real hipache answers through a frontserver; without hipache
+    // (sync stage) port 80 answers a 503 page that says why.
+    let published = docker(&["port", &proxy, "80/tcp"]);
+    let port = published
+        .lines()
+        .next()
+        .and_then(|l| l.trim().rsplit(':').next())
+        .unwrap_or_else(|| panic!("the proxyserver's port 80 is not published: {published:?}"))
+        .to_string();
+    let local = format!("127.0.0.1:{port}");
+    if stack.hipache_tarball.is_some() {
+        let mut answer = String::new();
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                answer = get_raw(&local, "/hello/you").unwrap_or_else(|e| e);
+                answer.starts_with("HTTP/1.1 200 ") && answer.contains("Hello you, I'm ")
+            }),
+            "curl through hipache on {local}: {answer}"
+        );
+        eprintln!("through hipache on {local}: {:?}", answer.lines().last());
+        // The same image without hipache (HIPACHE_CMD empty, as in the sync stage).
+        let plain = ThrowAway(
+            docker(&[
+                "run",
+                "-d",
+                "--network",
+                &format!("{}_cluster", stack.project),
+                "-e",
+                "HIPACHE_CMD=",
+                "-e",
+                "ROLLCALL_API=http://rollcall:8053",
+                &format!("rollcall-proxyserver:{}", stack.tag),
+            ])
+            .trim()
+            .to_string(),
+        );
+        assert_no_hipache_page(&format!("{}:80", ip_of(&plain.0)), &front_ips);
+        drop(plain);
+    } else {
+        assert_no_hipache_page(&local, &front_ips);
+    }
+    eprintln!("without hipache: port 80 answers 503 with a page saying so");
 
     // 2. Requests through each frontserver spread over all appservers.
     let direct = Targets(Arc::new(RwLock::new(
@@ -749,15 +993,9 @@ fn one_server(images: &Images) {
         "nginx was reloaded (new worker processes)"
     );
 
-    // From here on the load goes through the stand-in for hipache (the proxyserver's redis).
-    let via_proxy = Targets(Arc::new(RwLock::new(Vec::new())));
-    let standin = StandIn::start(proxy.clone(), via_proxy.clone());
-    assert!(eventually(Duration::from_secs(5), || via_proxy
-        .0
-        .read()
-        .unwrap()
-        .len()
-        == 2));
+    // From here on the load goes through the proxy tier: real hipache, or the stand-in for it
+    // (see the top of this file).
+    let (via_proxy, standin) = through_proxy(&stack, &proxy, &front_ips);
 
     // 4. docker stop of an appserver under load: zero failed requests.
     let victim = apps4[0].clone();
@@ -806,7 +1044,7 @@ fn one_server(images: &Images) {
     let samples = load.finish();
     let last_served = samples
         .iter()
-        .filter(|s| s.target.starts_with(fvictim_ip.as_str()) && s.result.is_ok())
+        .filter(|s| s.via.as_deref() == Some(fvictim_ip.as_str()) && s.result.is_ok())
         .map(|s| s.at.saturating_duration_since(t0))
         .max();
     eprintln!(
@@ -1105,11 +1343,7 @@ fn over_etcd(images: &Images) {
     );
 
     let proxy = stack.one("proxyserver");
-    let via_proxy = Targets(Arc::new(RwLock::new(Vec::new())));
-    let standin = StandIn::start(proxy, via_proxy.clone());
-    assert!(eventually(Duration::from_secs(5), || {
-        via_proxy.0.read().unwrap().len() == 2
-    }));
+    let (via_proxy, standin) = through_proxy(&stack, &proxy, &front_ips);
 
     // 2. kill -9 of the rollcall server the appservers hold their sessions on, under load.
     let rc1 = stack.one("rollcall");
@@ -1183,7 +1417,8 @@ fn over_etcd(images: &Images) {
         let s = load.samples.lock().unwrap();
         front_ips.iter().all(|fs| {
             s.iter().any(|x| {
-                x.target.starts_with(fs.as_str()) && x.result.as_deref() == Ok(new_name.as_str())
+                x.via.as_deref() == Some(fs.as_str())
+                    && x.result.as_deref() == Ok(new_name.as_str())
             })
         })
     });
@@ -1227,4 +1462,369 @@ fn over_etcd(images: &Images) {
         "cleanup (compose down): {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zero-touch containers: docker/docker-compose.watch.yml, plain images registered by
+// `rollcall docker`.
+
+/// The container's name as the watcher makes it a node name (`proj_appserver_1` ->
+/// `proj-appserver-1`).
+fn node_of(id: &str) -> String {
+    let name = docker(&["inspect", "-f", "{{.Name}}", id]);
+    let mut out = String::new();
+    for c in name.trim().trim_start_matches('/').chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_end_matches('-').to_string()
+}
+
+/// When `ip` was first in an answer after `t0`.
+fn back_at(changes: &Changes, ip: &str, t0: Instant) -> Option<Duration> {
+    changes
+        .iter()
+        .filter(|(at, _)| *at >= t0)
+        .find(|(_, set)| set.as_ref().is_some_and(|s| s.contains(ip)))
+        .map(|(at, _)| *at - t0)
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.3} s", d.as_secs_f64()))
+        .unwrap_or_else(|| "never".into())
+}
+
+#[test]
+fn zero_touch_containers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let images = setup();
+    eprintln!(
+        "\n== zero-touch containers: plain images registered by rollcall docker \
+         (+ docker/docker-compose.watch.yml)"
+    );
+    let stack = stack(
+        &images,
+        "watch",
+        &["docker-compose.yml", "docker-compose.watch.yml"],
+    );
+    stack.bring_up("compose build (5 images)", "compose up (8 containers)");
+    let t_up = Instant::now();
+    let dns = stack.dns();
+    let apps = stack.ids("appserver");
+    let fronts = stack.ids("frontserver");
+    assert_eq!((apps.len(), fronts.len()), (3, 2));
+    let watcher = stack.one("watcher");
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}",
+            &watcher
+        ])
+        .trim(),
+        "none",
+        "the watcher runs without the server image's health check"
+    );
+
+    // 1. The plain containers have no rollcall inside, and appear in DNS all the same, under
+    //    their container names, once their health checks pass.
+    for id in apps.iter().chain(&fronts) {
+        let found = docker(&["exec", id, "sh", "-c", "command -v rollcall; true"]);
+        assert_eq!(found.trim(), "", "{id} has rollcall inside");
+    }
+    let app_ips = ips(&apps);
+    let front_ips = ips(&fronts);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            dns_a(dns, "appserver.cluster.").is_some_and(|a| a == app_ips)
+                && dns_a(dns, "frontserver.cluster.").is_some_and(|a| a == front_ips)
+        }),
+        "appserver.cluster should be {app_ips:?}, is {:?}; frontserver.cluster should be \
+         {front_ips:?}, is {:?}",
+        dns_a(dns, "appserver.cluster."),
+        dns_a(dns, "frontserver.cluster.")
+    );
+    eprintln!(
+        "zero-touch: all 5 containers in DNS {:.2} s after compose up returned",
+        t_up.elapsed().as_secs_f64()
+    );
+    for id in &apps {
+        let name = format!("{}.appserver.cluster.", node_of(id));
+        assert_eq!(
+            dns_a(dns, &name),
+            Some(BTreeSet::from([ip_of(id)])),
+            "{name} should be the container's address"
+        );
+    }
+    let proxy = stack.one("proxyserver");
+    let (via_proxy, _standin) = through_proxy(&stack, &proxy, &front_ips);
+
+    // 2. Scale appservers 3 -> 4 under load: the new one in DNS once healthy, 0 failed.
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    stack.scale(4, 2);
+    let up_took = t0.elapsed();
+    let apps4 = stack.ids("appserver");
+    assert_eq!(apps4.len(), 4);
+    let new_id = apps4.iter().find(|i| !apps.contains(i)).unwrap().clone();
+    let new_ip = ip_of(&new_id);
+    let new_host = hostname_of(&new_id);
+    assert!(
+        eventually(Duration::from_secs(20), || load
+            .samples
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.result.as_deref() == Ok(new_host.as_str()))),
+        "the new appserver was never served"
+    );
+    let first_served = load
+        .samples
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| s.result.as_deref() == Ok(new_host.as_str()))
+        .map(|s| s.at - t0);
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let in_dns = back_at(&changes, &new_ip, t0);
+    eprintln!(
+        "zero-touch: scale 3 -> 4: compose {:.2} s, in DNS +{}, first served +{}",
+        up_took.as_secs_f64(),
+        secs(in_dns),
+        secs(first_served)
+    );
+    assert!(in_dns.is_some());
+    assert_eq!(summary("zero-touch: scale 3 -> 4", &samples, t0), 0);
+
+    // 3. Scale appservers 4 -> 3 under load (compose stops one: SIGTERM, the `kill` event):
+    //    out of DNS at once, 0 failed.
+    let ips4: BTreeMap<String, String> = apps4.iter().map(|i| (i.clone(), ip_of(i))).collect();
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    stack.scale(3, 2);
+    let down_took = t0.elapsed();
+    let apps3 = stack.ids("appserver");
+    assert_eq!(apps3.len(), 3);
+    let gone_id = apps4.iter().find(|i| !apps3.contains(i)).unwrap().clone();
+    let gone_ip = ips4[&gone_id].clone();
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let gone = DnsWatch::gone_at(&changes, &gone_ip, t0);
+    eprintln!(
+        "zero-touch: scale 4 -> 3: compose {:.2} s, gone from DNS +{}",
+        down_took.as_secs_f64(),
+        secs(gone)
+    );
+    assert!(gone.is_some(), "the removed appserver stayed in DNS");
+    assert_eq!(summary("zero-touch: scale 4 -> 3", &samples, t0), 0);
+
+    // 4. docker kill of an appserver under load: out of DNS at the `kill` event, 0 failed.
+    let victim = apps3[0].clone();
+    let victim_ip = ip_of(&victim);
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["kill", &victim]);
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let gone = DnsWatch::gone_at(&changes, &victim_ip, t0);
+    eprintln!(
+        "zero-touch: docker kill appserver: gone from DNS +{}",
+        secs(gone)
+    );
+    assert!(gone.is_some(), "the killed appserver stayed in DNS");
+    assert_eq!(
+        summary("zero-touch: docker kill appserver", &samples, t0),
+        0
+    );
+    // Back to 3 running appservers (compose starts the killed one again).
+    stack.scale(3, 2);
+    let apps3 = stack.ids("appserver");
+    let app_ips = ips(&apps3);
+    assert!(
+        eventually(Duration::from_secs(20), || dns_a(dns, "appserver.cluster.")
+            .is_some_and(|a| a == app_ips)),
+        "3 appservers again"
+    );
+
+    // 5. docker pause / unpause of an appserver under load: out of DNS while paused, back
+    //    after. A request nginx sent it just before holds until the unpause (counted, not
+    //    asserted: the existing stack's test has no pause either).
+    let victim = apps3[1].clone();
+    let victim_ip = ip_of(&victim);
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["pause", &victim]);
+    std::thread::sleep(Duration::from_secs(3));
+    let t1 = Instant::now();
+    docker(&["unpause", &victim]);
+    std::thread::sleep(Duration::from_secs(3));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let gone = DnsWatch::gone_at(&changes, &victim_ip, t0);
+    let back = back_at(&changes, &victim_ip, t1);
+    let failed = summary("zero-touch: docker pause + unpause appserver", &samples, t0);
+    eprintln!(
+        "zero-touch: docker pause appserver: gone from DNS +{}; unpause: back in DNS +{}; \
+         {failed} of {} requests failed",
+        secs(gone),
+        secs(back),
+        samples.len()
+    );
+    assert!(gone.is_some(), "the paused appserver stayed in DNS");
+    assert!(back.is_some(), "the unpaused appserver did not come back");
+
+    // 6. A failing health check: out of DNS once docker says unhealthy, back once healthy;
+    //    the app still answers meanwhile, so nothing fails.
+    let victim = apps3[2].clone();
+    let victim_ip = ip_of(&victim);
+    let watch = DnsWatch::start(dns, "appserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["exec", &victim, "touch", "/tmp/unhealthy"]);
+    assert!(
+        eventually(Duration::from_secs(20), || dns_a(dns, "appserver.cluster.")
+            .is_some_and(|a| !a.contains(&victim_ip))),
+        "the unhealthy appserver stayed in DNS"
+    );
+    let t1 = Instant::now();
+    docker(&["exec", &victim, "rm", "/tmp/unhealthy"]);
+    assert!(
+        eventually(Duration::from_secs(20), || dns_a(dns, "appserver.cluster.")
+            .is_some_and(|a| a.contains(&victim_ip))),
+        "the healthy appserver did not come back"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = load.finish();
+    let changes = watch.finish();
+    let gone = DnsWatch::gone_at(&changes, &victim_ip, t0);
+    let back = back_at(&changes, &victim_ip, t1);
+    eprintln!(
+        "zero-touch: health check failing: gone from DNS +{} (interval 2 s x 2 retries); \
+         passing again: back +{}",
+        secs(gone),
+        secs(back)
+    );
+    assert_eq!(summary("zero-touch: unhealthy appserver", &samples, t0), 0);
+
+    // 7. Restarting the watcher under load: nothing leaves DNS, nothing fails.
+    let app_ips = ips(&apps3);
+    let apps_watch = DnsWatch::start(dns, "appserver.cluster.");
+    let fronts_watch = DnsWatch::start(dns, "frontserver.cluster.");
+    let load = Load::start(via_proxy.clone(), 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+    docker(&["restart", "-t", "5", &watcher]);
+    let restart_took = t0.elapsed();
+    // Past one renewal period of the new watcher (ttl 10 s / 3) and more.
+    std::thread::sleep(Duration::from_secs(5));
+    let samples = load.finish();
+    let a = apps_watch.finish();
+    let f = fronts_watch.finish();
+    eprintln!(
+        "zero-touch: docker restart of the watcher: {:.2} s; appserver.cluster answers seen: \
+         {}, frontserver.cluster: {}",
+        restart_took.as_secs_f64(),
+        a.len(),
+        f.len()
+    );
+    // Every answer (a query lost on the way is no answer, not a change) is the whole set.
+    for (what, changes, want) in [("appserver", &a, &app_ips), ("frontserver", &f, &front_ips)] {
+        assert!(
+            changes
+                .iter()
+                .all(|(_, s)| s.as_ref().is_none_or(|s| s == want)),
+            "{what}.cluster changed during the watcher's restart: {changes:?}"
+        );
+    }
+    assert_eq!(summary("zero-touch: watcher restart", &samples, t0), 0);
+    let logs = run(Command::new("docker").args(["logs", &watcher]));
+    let log = String::from_utf8_lossy(&logs.stderr);
+    assert!(
+        log.contains("stopping: the registrations stay"),
+        "the watcher's log:\n{log}"
+    );
+}
+
+/// `rollcall docker` without an engine, or with bad flags, says what to do (no daemon needed).
+#[test]
+fn the_watcher_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docker.sock");
+    let out = run(Command::new(util::rollcall_bin()).args([
+        "docker",
+        "--docker-socket",
+        socket.to_str().unwrap(),
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot reach the docker engine at {}: no such socket. Is dockerd running?",
+            socket.display()
+        )) && err.contains("see --docker-socket"),
+        "{err}"
+    );
+    // A socket nobody listens on.
+    let _dead = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    drop(_dead);
+    let out = run(Command::new(util::rollcall_bin()).args([
+        "docker",
+        "--docker-socket",
+        &format!("unix://{}", socket.display()),
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the docker engine") && err.contains("Is dockerd running"),
+        "{err}"
+    );
+    for (args, needle) in [
+        (&["--ttl", "0"][..], "--ttl 0 is out of range"),
+        (&["--api", "ftp://x"][..], "--api"),
+        (
+            &["--docker-socket", "tcp://127.0.0.1:2375"][..],
+            "--docker-socket",
+        ),
+    ] {
+        let out = run(Command::new(util::rollcall_bin()).arg("docker").args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let out = run(Command::new(util::rollcall_bin()).args(["docker", "--help"]));
+    let help = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for needle in [
+        "rollcall.role (required",
+        "rollcall.network",
+        "rollcall.meta.KEY",
+        "HEALTHCHECK",
+        "[env: ROLLCALL_DOCKER_SOCKET=]",
+        "[default: /var/run/docker.sock]",
+        "[env: ROLLCALL_DOCKER_TTL=]",
+        "--deregister-on-exit",
+    ] {
+        assert!(
+            help.contains(needle),
+            "docker --help lacks {needle:?}:\n{help}"
+        );
+    }
 }

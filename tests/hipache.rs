@@ -497,6 +497,29 @@ fn redis_restarted_empty_gets_the_lists_back() {
             ],
         ),
     );
+    // One backend left: said so in the singular.
+    deregister(&api, "front2");
+    deregister(&api, "front3");
+    s.redis
+        .wait_list(key, &list(ROLE, &["http://10.0.0.1:8080"]));
+    sync.wait_log(&["role changed: 1 backend "], 1);
+    assert_eq!(sync.count(&[" 1 backends"]), 0);
+    // Write times are logged rounded (`ms=0.47`), without float noise (`ms=0.47237100000000004`).
+    sync.wait_log(&["role changed", "ms="], 1);
+    let log = sync.log.lock().unwrap();
+    let times: Vec<&str> = log
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix("ms="))
+        .collect();
+    assert!(!times.is_empty(), "{log:#?}");
+    for t in times {
+        let decimals = t.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(
+            t.parse::<f64>().is_ok() && decimals <= 2,
+            "ms={t} is not rounded"
+        );
+    }
 }
 
 /// rollcall killed and started again (same data dir, same HTTP port): while it is away the

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use util::process::{alive, children_of, cmdline, kill, wait_exit, Killed};
 use util::{api_nodes, dns_a, echo_lines, eventually, require, rollcall_bin, ServeProc};
+use util::netns::{ip, NetNs};
 
 const ROLE: &str = "appserver";
 
@@ -781,82 +782,6 @@ fn rollcall_restart_agents_reattach_nginx_keeps_serving() {
 // ---------------------------------------------------------------------------------------------
 // A real silent network loss: the agent in its own network namespace, the link taken down.
 
-struct NetNs {
-    name: String,
-    host_if: String,
-    host_ip: String,
-    ns_ip: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new(require("ip"))
-        .args(args)
-        .output()
-        .expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl NetNs {
-    fn create() -> NetNs {
-        let id = std::process::id();
-        let (a, b) = ((id >> 8) % 256, id % 256);
-        let ns = NetNs {
-            name: format!("rollcall-test-{id}"),
-            host_if: format!("rch{}", id % 1_000_000),
-            host_ip: format!("10.231.{a}.{}", (b / 4) * 4 + 1),
-            ns_ip: format!("10.231.{a}.{}", (b / 4) * 4 + 2),
-        };
-        let peer = format!("rcn{}", id % 1_000_000);
-        ip(&["netns", "add", &ns.name]);
-        ip(&[
-            "link",
-            "add",
-            &ns.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-        ]);
-        ip(&["link", "set", &peer, "netns", &ns.name]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/30", ns.host_ip),
-            "dev",
-            &ns.host_if,
-        ]);
-        ip(&["link", "set", &ns.host_if, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &ns.name, "ip"];
-            all.extend_from_slice(args);
-            ip(&all);
-        };
-        inside(&["addr", "add", &format!("{}/30", ns.ns_ip), "dev", &peer]);
-        inside(&["link", "set", &peer, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-        ns
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // Deleting the namespace destroys its veth end, and with it the pair.
-        let _ = Command::new(require("ip"))
-            .args(["netns", "del", &self.name])
-            .status();
-        let _ = Command::new(require("ip"))
-            .args(["link", "del", &self.host_if])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// A node whose network vanishes (the agent runs in a network namespace whose veth link is
 /// taken down: no FIN, no RST, nothing) expires with its TTL, and registers again when the
 /// network is back.
@@ -944,9 +869,12 @@ fn nginx_through_a_local_server_survives_killing_the_other_servers() {
     python();
     let dir = tempfile::tempdir().unwrap();
     let etcd = util::etcd::EtcdCluster::start(dir.path(), 3);
-    let local = util::etcd::serve(dir.path(), "local", &etcd.endpoints_from(0), &[]);
+    // Every node here is on loopback (127.0.0.2-4): in etcd mode a loopback address is refused
+    // unless the servers allow any address (they cannot tell which host it is local to).
+    let any = ["--allow-any-addr"];
+    let local = util::etcd::serve(dir.path(), "local", &etcd.endpoints_from(0), &any);
     let mut remote: Vec<ServeProc> = (1..3)
-        .map(|i| util::etcd::serve(dir.path(), &format!("r{i}"), &etcd.endpoints_from(i), &[]))
+        .map(|i| util::etcd::serve(dir.path(), &format!("r{i}"), &etcd.endpoints_from(i), &any))
         .collect();
     let ips: Vec<Ipv4Addr> = (2..=4).map(|n| Ipv4Addr::new(127, 0, 0, n)).collect();
     let port = free_tcp_port(&ips);

@@ -53,7 +53,8 @@ fn status_page_shows_roles_nodes_and_leases() {
         "10.0.0.7",
         "8080",
         "renewals (ttl 300s)",
-        "2 nodes in 1 roles",
+        // Pluralised: one role, not "1 roles".
+        ">2 nodes in 1 role<",
         ">live<",
     ] {
         assert!(

@@ -26,6 +26,17 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need+=(docker.io)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+# --version carries the git revision (build.rs asks git; tests/cli.rs checks it).
+command -v git >/dev/null 2>&1 || need+=(git)
+# tests/openapi.rs: a real Prometheus discovers its targets through GET /v1/sd/prometheus (the
+# test starts its own; the package's service is not needed).
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+# schemathesis goes into a virtualenv of its own (below), so the system Python is untouched:
+# Debian's python3 needs python3-venv for that (a fresh Debian 12 has neither venv nor pip).
+venv=target/schemathesis-venv
+if ! command -v st >/dev/null 2>&1 && [ ! -x "$venv/bin/st" ]; then
+    /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${need[*]}" >&2
@@ -35,11 +46,18 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-# schemathesis (PyPI) checks the API against its OpenAPI document.
+# schemathesis (PyPI) checks the API against its OpenAPI document (tests/openapi.rs runs `st`
+# from PATH). One already on PATH is used; else it is installed into $venv (kept for the next
+# run; `rm -rf target/schemathesis-venv` removes it).
 if ! command -v st >/dev/null 2>&1; then
-    echo "tests/run.sh: installing schemathesis (pip)" >&2
-    python3 -m pip install --quiet schemathesis 2>/dev/null ||
-        python3 -m pip install --quiet --break-system-packages schemathesis
+    if [ ! -x "$venv/bin/st" ]; then
+        echo "tests/run.sh: installing schemathesis into $venv (pip, in a virtualenv)" >&2
+        rm -rf "$venv"
+        /usr/bin/python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet schemathesis
+    fi
+    PATH="$PWD/$venv/bin:$PATH"
+    export PATH
 fi
 
 # System tests find nginx in /usr/sbin.
@@ -71,6 +89,7 @@ stop_dockerd() {
 trap stop_dockerd EXIT
 
 # The system tests start the real binary; build it once, then run everything. (tests/docker.rs
-# builds the release binary the images ship.)
+# builds the release binary the images ship.) --no-fail-fast: one failing test binary does not
+# hide the results of the others.
 cargo build --locked --bins
-cargo test --locked --all-targets "$@"
+cargo test --locked --all-targets --no-fail-fast "$@"

@@ -39,6 +39,9 @@ app = bottle.Bottle()
 @app.get("/hello/<name>")
 def hello(name):
     bottle.response.content_type = "text/plain; charset=utf-8"
+    # The address this request came from: the frontserver that passed it on (nginx), so that a
+    # client behind hipache can tell which frontserver served it (tests/docker.rs uses it).
+    bottle.response.set_header("X-Peer-Addr", bottle.request.environ.get("REMOTE_ADDR", ""))
     return "Hello %s, I'm %s !" % (name, NODE)
 
 

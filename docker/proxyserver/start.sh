@@ -20,11 +20,13 @@
 #   REDIS_PORT          port of the private redis               (default 6379; must match the
 #                       "driver" in config.json)
 #   HIPACHE_CONFIG      hipache's configuration                 (default /etc/hipache/config.json)
-#   HIPACHE_CMD         how to start hipache                    (default: hipache --config ...;
-#                       empty: no hipache here, redis and hipache-sync only, as in the image's
-#                       `sync` stage)
+#   HIPACHE_CMD         how to start hipache                    (default: node --expose-gc
+#                       /usr/local/lib/node_modules/hipache/bin/hipache --config ...; empty: no
+#                       hipache here, redis and hipache-sync only, as in the image's `sync`
+#                       stage, and port 80 answers 503 with a page saying so)
 #
-# Needs on PATH: redis-server, redis-cli, rollcall, hipache (npm install -g hipache@0.4).
+# Needs on PATH: redis-server, redis-cli, rollcall, node with hipache 0.3.1 installed
+# (npm install -g hipache@0.3.1); socat and no-hipache.sh for the 503 page without hipache.
 set -euo pipefail
 
 : "${ROLLCALL_API:=http://dns:8053}"
@@ -32,8 +34,8 @@ set -euo pipefail
 : "${ROLLCALL_FRONTEND:=localhost}"
 : "${REDIS_PORT:=6379}"
 : "${HIPACHE_CONFIG:=/etc/hipache/config.json}"
-HIPACHE_CMD=${HIPACHE_CMD-hipache --config $HIPACHE_CONFIG}
-export ROLLCALL_API ROLLCALL_FRONTEND
+HIPACHE_CMD=${HIPACHE_CMD-node --expose-gc /usr/local/lib/node_modules/hipache/bin/hipache --config $HIPACHE_CONFIG}
+export ROLLCALL_API ROLLCALL_FRONTEND REDIS_PORT
 # hipache-sync's own names for these (ROLLCALL_ROLE and ROLLCALL_PORT are the agent's).
 export ROLLCALL_HIPACHE_ROLE="$ROLLCALL_ROLE"
 if [ -n "${ROLLCALL_PORT:-}" ]; then export ROLLCALL_HIPACHE_PORT="$ROLLCALL_PORT"; fi
@@ -63,6 +65,17 @@ until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
 rollcall hipache-sync &
 pids+=($!)
 
+# No hipache (the image's `sync` stage): port 80 is published all the same, so answer it with a
+# 503 page that says why, instead of a bare connection reset.
+if [ -z "$HIPACHE_CMD" ]; then
+    echo "start.sh: HIPACHE_CMD is empty (the image's sync stage): NO PROXY on port 80, which" \
+        "answers 503 with a page saying so; redis and hipache-sync run. Ask a frontserver" \
+        "directly (redis-cli lrange frontend:${ROLLCALL_FRONTEND%%,*} 0 -1 lists them), or build" \
+        "the hipache stage (docker/proxyserver/README.md)" >&2
+    socat -T 10 TCP-LISTEN:80,reuseaddr,fork EXEC:/usr/local/bin/no-hipache.sh &
+    pids+=($!)
+fi
+
 # Give hipache a filled list to start with (up to 30 s; it starts anyway, and answers 400 for
 # the hosts until the list arrives).
 first=${ROLLCALL_FRONTEND%%,*}
@@ -75,8 +88,6 @@ done
 if [ -n "$HIPACHE_CMD" ]; then
     $HIPACHE_CMD &
     pids+=($!)
-else
-    echo "start.sh: HIPACHE_CMD is empty: running redis and hipache-sync only" >&2
 fi
 
 # Whichever stops first (crash, or exit), stop the rest and pass its status on.

@@ -22,16 +22,12 @@ impl CheckState {
 /// Runs the check until `stop`; the channel changes only when pass/fail flips.
 pub(crate) fn spawn_check(
     check: Check,
+    http: reqwest::Client,
     every: Duration,
     stop: CancellationToken,
 ) -> watch::Receiver<CheckState> {
     let (tx, rx) = watch::channel(CheckState::Pending);
     tokio::spawn(async move {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(CHECK_TIMEOUT)
-            .build()
-            .unwrap_or_default();
         loop {
             let result = tokio::select! {
                 _ = stop.cancelled() => return,

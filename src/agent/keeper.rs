@@ -110,6 +110,15 @@ impl Keeper {
         let again = matches!(prev, State::Retrying | State::Rejected);
         match next {
             State::Starting => {}
+            // A gate without --check: `rollcall docker`'s (the container's state and health).
+            State::WaitingForCheck if p.check.is_none() => tracing::info!(
+                role = %p.role, node = %p.node,
+                "waiting for the container's health check to pass before registering"
+            ),
+            State::CheckFailing if p.check.is_none() => tracing::info!(
+                role = %p.role, node = %p.node,
+                "not registered while {detail}"
+            ),
             State::WaitingForCheck => tracing::info!(
                 check = %p.check.as_ref().map(|c| c.to_string()).unwrap_or_default(),
                 "waiting for the check to pass before registering"
@@ -131,6 +140,11 @@ impl Keeper {
             State::Session => tracing::info!(
                 role = %p.role, node = %p.node, addr = detail, ttl = p.ttl, api = %p.apis[self.at],
                 "{}registered; holding a session (ping every {beat})",
+                if again { "server is back: " } else { "" }
+            ),
+            State::Renewing if !p.sessions => tracing::info!(
+                role = %p.role, node = %p.node, addr = detail, ttl = p.ttl, api = %p.apis[self.at],
+                "{}registered; renewing by PUT every {beat}",
                 if again { "server is back: " } else { "" }
             ),
             State::Renewing => tracing::warn!(
@@ -241,32 +255,43 @@ impl Keeper {
             req.headers_mut()
                 .insert(tungstenite::http::header::AUTHORIZATION, v);
         }
-        let connect = tokio_tungstenite::connect_async_with_config(req, None, true);
+        let url = reqwest::Url::parse(&req.uri().to_string())
+            .map_err(|e| SessionError::Unsupported(e.to_string()))?;
+        let tls = self.plan.tls.clone();
+        let connect = async move {
+            let stream = crate::client::connect(&url, tls.as_ref())
+                .await
+                .map_err(SessionError::Unreachable)?;
+            Ok(tokio_tungstenite::client_async_with_config(req, stream, None).await)
+        };
         let limit = self.plan.request_timeout();
         match tokio::time::timeout(limit, connect).await {
             Err(_) => Err(SessionError::Unreachable(format!(
                 "no session handshake within {limit:?}"
             ))),
-            Ok(Ok((ws, _))) => Ok(ws),
-            Ok(Err(tungstenite::Error::Http(resp))) if resp.status().as_u16() == 404 => {
-                Err(SessionError::NotFound)
-            }
-            Ok(Err(tungstenite::Error::Http(resp))) if resp.status().is_server_error() => {
-                Err(SessionError::Unreachable(format!(
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(r)) => match r {
+                Ok((ws, _)) => Ok(ws),
+                Err(tungstenite::Error::Http(resp)) if resp.status().as_u16() == 404 => {
+                    Err(SessionError::NotFound)
+                }
+                Err(tungstenite::Error::Http(resp)) if resp.status().is_server_error() => {
+                    Err(SessionError::Unreachable(format!(
+                        "the session request got HTTP {}",
+                        resp.status()
+                    )))
+                }
+                Err(tungstenite::Error::Http(resp)) => Err(SessionError::Unsupported(format!(
                     "the session request got HTTP {}",
                     resp.status()
-                )))
-            }
-            Ok(Err(tungstenite::Error::Http(resp))) => Err(SessionError::Unsupported(format!(
-                "the session request got HTTP {}",
-                resp.status()
-            ))),
-            Ok(Err(
-                e @ (tungstenite::Error::Io(_)
-                | tungstenite::Error::ConnectionClosed
-                | tungstenite::Error::AlreadyClosed),
-            )) => Err(SessionError::Unreachable(chain(&e))),
-            Ok(Err(e)) => Err(SessionError::Unsupported(chain(&e))),
+                ))),
+                Err(
+                    e @ (tungstenite::Error::Io(_)
+                    | tungstenite::Error::ConnectionClosed
+                    | tungstenite::Error::AlreadyClosed),
+                ) => Err(SessionError::Unreachable(chain(&e))),
+                Err(e) => Err(SessionError::Unsupported(chain(&e))),
+            },
         }
     }
 
@@ -415,8 +440,10 @@ impl Keeper {
                 }
             };
 
-            // 3. The session.
-            if session_after.is_none_or(|t| Instant::now() >= t) {
+            // 3. The session (PUT renewals only when the plan says so).
+            if !self.plan.sessions {
+                self.enter(State::Renewing, &addr);
+            } else if session_after.is_none_or(|t| Instant::now() >= t) {
                 let opened = tokio::select! {
                     _ = stop.cancelled() => break,
                     r = self.open_session() => r,
@@ -492,7 +519,7 @@ impl Keeper {
                     Wake::Check => continue 'outer,
                     Wake::Elapsed => {}
                 }
-                if session_after.is_none_or(|t| Instant::now() >= t) {
+                if self.plan.sessions && session_after.is_none_or(|t| Instant::now() >= t) {
                     continue 'outer;
                 }
                 let put = tokio::select! {

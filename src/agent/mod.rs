@@ -32,13 +32,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::RegisterArgs;
 use crate::registry::{parse_service, Label, MAX_TTL, MIN_TTL};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<crate::client::Stream>;
 
 /// Longest wait for one API request (PUT, session handshake).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,6 +66,9 @@ use check::*;
 use child::*;
 use keeper::*;
 pub use plan::*;
+// For `rollcall docker`, which keeps one node per container with the same keeper.
+pub(crate) use check::CheckState as Gate;
+pub(crate) use keeper::Keeper as NodeKeeper;
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
@@ -90,11 +93,15 @@ pub async fn run(args: RegisterArgs) -> Result<u8, (u8, String)> {
     };
     let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
     let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
-    let http = crate::client::http(Duration::from_secs(2), Some(REQUEST_TIMEOUT))
-        // A fresh connection per request: nothing stale to trip over after a server restart.
-        .pool_max_idle_per_host(0)
-        .build()
-        .map_err(|e| (1, format!("cannot build the HTTP client: {e}")))?;
+    let http = crate::client::http(
+        Duration::from_secs(2),
+        Some(REQUEST_TIMEOUT),
+        plan.tls.as_ref(),
+    )
+    // A fresh connection per request: nothing stale to trip over after a server restart.
+    .pool_max_idle_per_host(0)
+    .build()
+    .map_err(|e| (1, format!("cannot build the HTTP client: {e}")))?;
 
     tracing::info!(
         api = %plan.apis.join(","), role = %plan.role, node = %plan.node, ttl = plan.ttl,
@@ -102,10 +109,13 @@ pub async fn run(args: RegisterArgs) -> Result<u8, (u8, String)> {
         "rollcall register starting"
     );
     let stop = CancellationToken::new();
-    let check = plan
-        .check
-        .clone()
-        .map(|c| spawn_check(c, plan.check_every(), stop.clone()));
+    let check = match plan.check.clone() {
+        Some(c) => {
+            let http = check_client(&c, &plan.tls_files).map_err(|e| (2, e))?;
+            Some(spawn_check(c, http, plan.check_every(), stop.clone()))
+        }
+        None => None,
+    };
 
     let child = if plan.command.is_empty() {
         None
@@ -347,11 +357,15 @@ mod tests {
             Check::parse("http://127.0.0.1:8080/health").unwrap(),
             Check::Http("http://127.0.0.1:8080/health".into())
         );
+        assert_eq!(
+            Check::parse("https://127.0.0.1:8443/health").unwrap(),
+            Check::Http("https://127.0.0.1:8443/health".into())
+        );
         for bad in [
             "tcp://127.0.0.1",
             "udp://1.2.3.4:5",
             "127.0.0.1:80",
-            "https://x/y",
+            "ftp://x/y",
         ] {
             let e = Check::parse(bad).unwrap_err();
             assert!(e.contains("--check"), "{e}");
@@ -387,6 +401,13 @@ mod tests {
             "ws://127.0.0.1:8053/v1/roles/appserver/nodes/app1/session"
         );
         assert_eq!(p.apis, ["http://127.0.0.1:8053"]);
+        assert!(p.tls.is_none(), "no TLS set-up for http:// only");
+        let s = plan(&["--api", "https://rc:8443", "--role", "r", "--node", "n"]).unwrap();
+        assert_eq!(
+            s.session_url(&s.apis[0]),
+            "wss://rc:8443/v1/roles/r/nodes/n/session"
+        );
+        assert!(s.tls.is_some());
         assert_eq!(p.body["addr"], "10.0.0.7");
         assert_eq!(p.body["port"], 8080);
         assert_eq!(p.body["ttl"], 3);
@@ -409,7 +430,8 @@ mod tests {
                 "--drain",
             ),
             (
-                &["--role", "r", "--node", "n", "--api", "https://x"][..],
+                // https:// is accepted since issue 23; another scheme is not.
+                &["--role", "r", "--node", "n", "--api", "ftp://x"][..],
                 "--api",
             ),
             (

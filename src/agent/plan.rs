@@ -6,7 +6,7 @@ use super::*;
 // ---------------------------------------------------------------------------------------------
 // Flags, validated.
 
-/// A health check: `tcp://HOST:PORT` (connects) or `http://HOST:PORT/PATH` (GET, 2xx passes).
+/// A health check: `tcp://HOST:PORT` (connects) or `http(s)://HOST:PORT/PATH` (GET, 2xx passes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Check {
     Tcp(String),
@@ -33,7 +33,7 @@ impl Check {
         let bad = |why: &str| {
             format!(
                 "{s:?} {why}: use tcp://HOST:PORT or http://HOST:PORT/PATH \
-                 (e.g. tcp://127.0.0.1:8080)"
+                 or https://HOST:PORT/PATH (e.g. tcp://127.0.0.1:8080)"
             )
         };
         let url = reqwest::Url::parse(s).map_err(|e| bad(&format!("is not a URL ({e})")))?;
@@ -46,8 +46,7 @@ impl Check {
                 let port = url.port().ok_or_else(|| bad("has no port"))?;
                 Ok(Check::Tcp(format!("{host}:{port}")))
             }
-            "http" => Ok(Check::Http(url.to_string())),
-            "https" => Err(bad("uses https, which this build does not speak")),
+            "http" | "https" => Ok(Check::Http(url.to_string())),
             other => Err(bad(&format!("has the unknown scheme {other:?}"))),
         }
     }
@@ -72,18 +71,31 @@ impl Check {
 
 pub use crate::clock::parse_duration;
 
-/// `rollcall check TARGET`: one probe, as the agent's --check runs it (2-s timeout).
-pub async fn check_once(target: &str) -> Result<u8, (u8, String)> {
-    let check = Check::parse_target(target).map_err(|e| (2, e))?;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(CHECK_TIMEOUT)
-        .build()
-        .map_err(|e| (1, format!("cannot build an HTTP client: {e}")))?;
+/// `rollcall check TARGET`: one probe, as the agent's --check runs it (2-s timeout); https
+/// targets are checked with --ca-file (else the system's CAs) and show --client-cert.
+pub async fn check_once(args: &crate::cli::CheckArgs) -> Result<u8, (u8, String)> {
+    let check = Check::parse_target(&args.target).map_err(|e| (2, e))?;
+    let http = check_client(&check, &args.tls.files()).map_err(|e| (2, e))?;
     match check.run(&http).await {
         Ok(()) => Ok(0),
         Err(e) => Err((1, format!("{check} fails: {e}"))),
     }
+}
+
+/// The HTTP client a check runs with: its TLS config when the check is https (or TLS flags
+/// are given).
+pub(crate) fn check_client(
+    check: &Check,
+    files: &crate::tls::ClientFiles,
+) -> Result<reqwest::Client, String> {
+    let url = match check {
+        Check::Http(u) => u.as_str(),
+        Check::Tcp(_) => "",
+    };
+    let tls = crate::client::tls_for(files, &[url])?;
+    crate::client::http(CHECK_TIMEOUT, Some(CHECK_TIMEOUT), tls.as_ref())
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
 }
 
 /// This host's name, as the kernel has it.
@@ -135,7 +147,14 @@ pub struct Plan {
     /// What the child gets instead of the stop signal the agent received (--stop-signal).
     pub stop_signal: Option<libc::c_int>,
     pub token: Option<String>,
+    /// TLS for https:// servers and an https check (None: every URL is http://).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The TLS flags, for the check's own client.
+    pub tls_files: crate::tls::ClientFiles,
     pub command: Vec<String>,
+    /// Hold a WebSocket session (the agent); false: renew by PUT only (`rollcall docker`,
+    /// whose registrations must outlive a restart of the watcher).
+    pub sessions: bool,
 }
 
 impl Plan {
@@ -197,6 +216,13 @@ impl Plan {
                 );
             }
         }
+        let check_url = match &check {
+            Some(Check::Http(u)) => u.as_str(),
+            _ => "",
+        };
+        let tls_files = a.client.tls.files();
+        let urls: Vec<&str> = apis.iter().map(String::as_str).chain([check_url]).collect();
+        let tls = crate::client::tls_for(&tls_files, &urls)?;
         if a.command.first().is_some_and(|c| c.is_empty()) {
             return Err("the command after -- is empty".into());
         }
@@ -210,7 +236,10 @@ impl Plan {
             drain,
             stop_signal,
             token,
+            tls,
+            tls_files,
             command: a.command,
+            sessions: true,
         })
     }
 
@@ -219,7 +248,7 @@ impl Plan {
     }
 
     pub(crate) fn session_url(&self, api: &str) -> String {
-        // `api` starts with http://, checked in from_args.
+        // `api` starts with http:// or https://, checked in from_args: ws:// or wss://.
         format!("ws{}/session", &self.node_url(api)["http".len()..])
     }
 

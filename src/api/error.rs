@@ -48,15 +48,28 @@ impl From<RegistryError> for ApiError {
             RegistryError::Unavailable(ref why) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why.clone()).retry_after(1)
             }
+            // The server is healthy but its disk is not: 503 (retry), never 500. The sentence
+            // is true whatever happens next: the failed batch may have reached the log, and
+            // the rewrite that repairs it stores the live set, this request's change included.
             RegistryError::Storage(ref detail) => {
-                tracing::error!(error = %detail, "registration could not be stored");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the registration could not be stored; see the server log",
-                )
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, storage_message(detail))
+                    .retry_after(1)
             }
         }
     }
+}
+
+/// What a client is told when the data dir could not be written.
+pub fn storage_message(detail: &str) -> String {
+    let detail = if detail.is_empty() {
+        "disk full or failing?"
+    } else {
+        detail
+    };
+    format!(
+        "the data dir could not be written ({detail}); this request may or may not be stored: \
+         repeat it once the disk is healthy"
+    )
 }
 
 impl IntoResponse for ApiError {

@@ -8,6 +8,7 @@ pub mod model;
 pub mod serve;
 pub mod session;
 mod stream;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -29,7 +30,7 @@ use crate::registry::{
     parse_service, Label, NodeKey, NodeSpec, Registry, DEFAULT_TTL, MAX_TTL, MIN_TTL,
 };
 use error::ApiError;
-use model::{ErrorBody, Health, NodeOut, RegisterBody, RoleOut, RolesOut};
+use model::{ErrorBody, Health, NodeOut, RegisterBody, RoleOut, RolesOut, SdTargetGroup};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -40,9 +41,13 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// Access rules for the API.
 #[derive(Clone, Debug, Default)]
 pub struct Access {
-    /// Bearer token required for writes (and reads with `token_reads`).
-    pub token: Option<Arc<str>>,
+    /// Bearer tokens, one of which is required for writes (and reads with `token_reads`), and
+    /// what each may write (`--token`, `--token-file`); empty: no token needed. Swapped on
+    /// SIGHUP when read from a file.
+    pub tokens: Arc<arc_swap::ArcSwap<tokens::Tokens>>,
     pub token_reads: bool,
+    /// Writes need a client certificate verified by `--tls-client-ca` (reads do not).
+    pub client_cert_writes: bool,
     /// When non-empty, the peer must be inside one of these to register, deregister or open a
     /// session, and so must the registered address.
     pub allow_register: Vec<IpNet>,
@@ -54,6 +59,9 @@ pub struct Access {
     /// Accept any registered address, loopback from remote peers, link-local and metadata
     /// addresses included (`--allow-any-addr`).
     pub any_addr: bool,
+    /// Registrations are shared with other servers (etcd mode): a loopback address is refused
+    /// even from a peer on this host (it would name another host on every other server).
+    pub shared: bool,
 }
 
 #[derive(Clone)]
@@ -228,11 +236,12 @@ const PAGE_NODES: usize = 2_000;
         roles_list,
         role_get,
         session::session,
+        sd_prometheus,
         healthz,
         readyz,
         metrics
     ),
-    components(schemas(RegisterBody, NodeOut, RolesOut, RoleOut, ErrorBody, Health)),
+    components(schemas(RegisterBody, NodeOut, RolesOut, RoleOut, ErrorBody, Health, SdTargetGroup)),
     modifiers(&BearerScheme)
 )]
 pub struct ApiDoc;
@@ -297,6 +306,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/roles/{role}/nodes/{node}/session",
             get(session::session),
         )
+        .route("/v1/sd/prometheus", get(sd_prometheus))
         .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -488,41 +498,81 @@ fn bearer(value: &str) -> Option<&str> {
         .then(|| token.trim_start())
 }
 
-/// Bearer-token check for writes (and reads with `--token-reads`), in constant time.
+/// Whether a request writes: anything but GET and HEAD, and opening a session (a GET).
+fn is_write(req: &axum::extract::Request) -> bool {
+    !matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path().ends_with("/session")
+}
+
+/// Bearer-token check for writes (and reads with `--token-reads`), in constant time; the
+/// token's [`tokens::Scope`] goes into the request for the write handlers, which check the
+/// role once parsed. With `--tls-client-ca`, writes also need a verified client certificate.
 async fn authorize(
     State(state): State<AppState>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = &state.access.token {
-        let write = !matches!(*req.method(), Method::GET | Method::HEAD)
-            || req.uri().path().ends_with("/session");
-        let exempt = matches!(req.uri().path(), "/healthz" | "/readyz");
-        if (write || state.access.token_reads) && !exempt {
-            let given = req
-                .headers()
-                .get(axum::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer)
-                .unwrap_or("");
-            if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                return ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong token: send 'Authorization: Bearer <token>' (the server's --token)",
-                )
-                .into_response();
-            }
+    let write = is_write(&req);
+    let tokens = state.access.tokens.load();
+    let exempt = matches!(req.uri().path(), "/healthz" | "/readyz");
+    if !tokens.is_empty() && (write || state.access.token_reads) && !exempt {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .unwrap_or("");
+        let Some(scope) = tokens.find(given.as_bytes()) else {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong token: send 'Authorization: Bearer <token>' (the server's --token, or one of its --token-file)",
+            )
+            .into_response();
+        };
+        if !write && !scope.read {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} may not read (read = false in the server's --token-file): use a token that may",
+                    scope.label()
+                ),
+            )
+            .into_response();
+        }
+        req.extensions_mut().insert(scope);
+    }
+    if write && state.access.client_cert_writes {
+        let transport = req
+            .extensions()
+            .get::<serve::Transport>()
+            .copied()
+            .unwrap_or_default();
+        if !transport.client_cert {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                if transport.tls {
+                    "writes need a client certificate signed by the server's --tls-client-ca: \
+                     give --client-cert and --client-key (reads need none)"
+                } else {
+                    "writes need a client certificate signed by the server's --tls-client-ca, \
+                     over https://: give --client-cert and --client-key (reads need none)"
+                },
+            )
+            .into_response();
         }
     }
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, &x) in b.iter().enumerate() {
-        diff |= usize::from(x ^ a.get(i).copied().unwrap_or(0));
+/// Checks the request's token may write `role` (403 with a sentence if not). Requests that
+/// came without a scope were let through by [`authorize`] because the server has no tokens.
+pub(crate) fn check_scope(scope: Option<&tokens::Scope>, role: &Label) -> Result<(), ApiError> {
+    match scope {
+        None => Ok(()),
+        Some(s) => s.may_write(role.as_str()).map_err(|why| {
+            tracing::info!(token = %s.label(), %role, "write refused: outside the token's roles");
+            ApiError::new(StatusCode::FORBIDDEN, why)
+        }),
     }
-    diff == 0
 }
 
 pub(crate) fn parse_key(role: &str, node: &str) -> Result<NodeKey, ApiError> {
@@ -563,7 +613,8 @@ pub(crate) fn check_peer(access: &Access, peer: IpAddr) -> Result<(), ApiError> 
 
 /// Why an address may not be registered (without `--allow-any-addr`): nobody could reach a
 /// service there, or it is a well-known target (the cloud metadata service is link-local).
-fn special_addr(peer: IpAddr, addr: IpAddr) -> Option<&'static str> {
+/// `local_peer`: registered by a node on this host, for this host only (loopback is allowed).
+fn special_addr(local_peer: bool, addr: IpAddr) -> Option<&'static str> {
     let v4 = match addr {
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(v6) => v6.to_ipv4_mapped(),
@@ -582,38 +633,81 @@ fn special_addr(peer: IpAddr, addr: IpAddr) -> Option<&'static str> {
     if link_local {
         return Some("link-local (169.254.0.0/16, fe80::/10: the metadata service lives there)");
     }
-    if (addr.is_loopback() || v4.is_some_and(|v| v.is_loopback())) && !peer.is_loopback() {
+    if (addr.is_loopback() || v4.is_some_and(|v| v.is_loopback())) && !local_peer {
         return Some(
-            "loopback, registered from another host (only a node on this host can register one)",
+            "loopback, registered from another host or shared with other servers through etcd \
+             (only a node on this host can register one, with one server)",
         );
     }
     None
 }
 
-/// Checks `--allow-register` for the peer and the address being registered.
-fn check_allowed(access: &Access, peer: IpAddr, addr: IpAddr) -> Result<(), ApiError> {
+/// Special addresses, refused without `--allow-any-addr`.
+fn check_special(access: &Access, local_peer: bool, addr: IpAddr) -> Result<(), ApiError> {
     if !access.any_addr {
-        if let Some(why) = special_addr(peer, addr) {
+        if let Some(why) = special_addr(local_peer, addr) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 format!("address {addr} cannot be registered: it is {why}; start the server with --allow-any-addr to accept it"),
             ));
         }
     }
-    if access.allow_register.is_empty() {
+    Ok(())
+}
+
+/// `--allow-register` for one address (the peer's or the registered one).
+fn check_inside(access: &Access, what: &str, ip: IpAddr) -> Result<(), ApiError> {
+    if access.allow_register.is_empty() || access.allow_register.iter().any(|n| n.contains(&ip)) {
         return Ok(());
     }
-    for (what, ip) in [("your address", peer), ("the registered address", addr)] {
-        if !access.allow_register.iter().any(|net| net.contains(&ip)) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "{what} {ip} is outside the networks allowed to register (--allow-register)"
-                ),
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("{what} {ip} is outside the networks allowed to register (--allow-register)"),
+    ))
+}
+
+/// The check a registration read from etcd must pass to be served: exactly the API's for a
+/// `PUT` (the reserved roles, [`parse_spec`] on the value as a body, the address rules), so
+/// that what etcd holds but the API would refuse is, on every server alike, not registered.
+pub fn registration_check(
+    access: Arc<Access>,
+    reserved: Arc<arc_swap::ArcSwap<std::collections::BTreeSet<String>>>,
+) -> crate::registry::Validate {
+    Arc::new(move |key: &NodeKey, spec: &NodeSpec| {
+        if reserved.load().contains(key.role.as_str()) {
+            return Err(format!(
+                "role {} would hide a static name of the zone (a PUT gets 409)",
+                key.role
             ));
         }
-    }
-    Ok(())
+        let body = RegisterBody {
+            addr: Some(spec.addr.to_string()),
+            port: spec.port.map(u32::from),
+            service: Some(spec.service.to_string()),
+            ttl: Some(spec.ttl.into()),
+            weight: Some(spec.weight.into()),
+            meta: Some(
+                spec.meta
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+            ),
+        };
+        let again = parse_spec(body, spec.addr).map_err(|e| e.message)?;
+        check_special(&access, false, spec.addr).map_err(|e| e.message)?;
+        check_inside(&access, "the registered address", spec.addr).map_err(|e| e.message)?;
+        if again != *spec {
+            return Err("not in the form the API stores".into());
+        }
+        Ok(())
+    })
+}
+
+/// Checks `--allow-register` for the peer and the address being registered.
+fn check_allowed(access: &Access, peer: IpAddr, addr: IpAddr) -> Result<(), ApiError> {
+    check_special(access, peer.is_loopback() && !access.shared, addr)?;
+    check_inside(access, "your address", peer)?;
+    check_inside(access, "the registered address", addr)
 }
 
 /// Turns a register body into a validated spec; every error names the field.
@@ -706,19 +800,21 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<RegisterBody, ApiEr
         (status = 200, description = "Registered or renewed; durable and visible in DNS", body = NodeOut),
         (status = 400, description = "Bad label, address, ttl, port, field or JSON", body = ErrorBody),
         (status = 401, description = "Token required (--token)", body = ErrorBody),
-        (status = 403, description = "Outside --allow-register", body = ErrorBody),
+        (status = 403, description = "Outside --allow-register, a role the token may not write (--token-file), or no client certificate (--tls-client-ca)", body = ErrorBody),
         (status = 409, description = "The role would hide a static name of the zone (e.g. ns)", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
-        (status = 503, description = "Shutting down, or (etcd mode) etcd unreachable: retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "Shutting down, the data dir cannot be written, or (etcd mode) etcd unreachable or this server's copy behind: retry after Retry-After", body = ErrorBody),
         (status = 507, description = "--max-nodes or --max-nodes-per-role reached", body = ErrorBody),
     ))]
 async fn node_put(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    scope: Option<Extension<tokens::Scope>>,
     Path((role, node)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<NodeOut>, ApiError> {
     let key = parse_key(&role, &node)?;
+    check_scope(scope.as_deref(), &key.role)?;
     if state.reserved_roles.load().contains(key.role.as_str()) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -742,15 +838,18 @@ async fn node_put(
         (status = 204, description = "Deregistered"),
         (status = 400, description = "Bad label", body = ErrorBody),
         (status = 401, description = "Token required (--token)", body = ErrorBody),
+        (status = 403, description = "Outside --allow-register, a role the token may not write (--token-file), or no client certificate (--tls-client-ca)", body = ErrorBody),
         (status = 404, description = "Not registered", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 503, description = "Shutting down, the data dir cannot be written, or (etcd mode) etcd unreachable or this server's copy behind: retry after Retry-After", body = ErrorBody),
     ))]
 async fn node_delete(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    scope: Option<Extension<tokens::Scope>>,
     Path((role, node)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let key = parse_key(&role, &node)?;
+    check_scope(scope.as_deref(), &key.role)?;
     check_peer(&state.access, peer_ip(peer))?;
     if state.registry.delete(key).await? {
         Ok(StatusCode::NO_CONTENT)
@@ -799,7 +898,7 @@ async fn roles_list(
     Query(params): Query<BlockingParams>,
 ) -> Result<Response, ApiError> {
     let (index, roles) = match params.blocking(state.max_wait)? {
-        None => state.registry.roles().await?,
+        None => state.registry.roles()?,
         Some((index, wait)) => {
             let _permit = state.waiter(peer_ip(peer))?;
             state.registry.roles_after(index, wait).await?
@@ -886,6 +985,39 @@ async fn role_get(
     Ok(with_index(index, (headers, body)))
 }
 
+/// `?role=` of `GET /v1/sd/prometheus`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SdParams {
+    role: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sd/prometheus", tag = "nodes",
+    summary = "Registered nodes as Prometheus targets (http_sd_config)",
+    description = "Every live node (or those of one role) as a Prometheus HTTP service discovery target group: `[{\"targets\":[\"host:port\"],\"labels\":{...}}]`, `[]` when there are none, the full list every time. Point `http_sd_configs` at it; relabel on `__meta_rollcall_role` and friends.",
+    params(("role" = Option<String>, Query, description = "Only this role's nodes", pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")),
+    responses(
+        (status = 200, description = "The target groups", body = [SdTargetGroup]),
+        (status = 400, description = "Bad role", body = ErrorBody),
+        (status = 401, description = "Token required (--token-reads)", body = ErrorBody),
+    ))]
+async fn sd_prometheus(
+    State(state): State<AppState>,
+    Query(params): Query<SdParams>,
+) -> Result<Json<Vec<SdTargetGroup>>, ApiError> {
+    let role = params.role.as_deref().map(parse_role).transpose()?;
+    let view = state.registry.view()?;
+    let now = tokio::time::Instant::now();
+    let groups = view
+        .roles
+        .iter()
+        .filter(|(r, _)| role.as_ref().is_none_or(|want| want == *r))
+        .flat_map(|(r, snap)| snap.nodes.iter().map(move |n| (r, n)))
+        .map(|(r, n)| SdTargetGroup::from_node(&view.node_info(r, n, now)))
+        .collect();
+    Ok(Json(groups))
+}
+
 /// `30s`, `500ms`, `2m`, or a bare number of seconds.
 /// A `wait=` value, in the one duration syntax (`clock::parse_duration`); a wait longer than
 /// the server allows is cut to it by the caller, not refused.
@@ -906,7 +1038,7 @@ fn with_index(index: u64, body: impl IntoResponse) -> Response {
 #[utoipa::path(get, path = "/healthz", summary = "Whether the process serves", tag = "operations",
     responses((status = 200, description = "Serving", body = Health), (status = 503, description = "Shutting down", body = ErrorBody)))]
 async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    let (index, roles) = state.registry.roles().await?;
+    let (index, roles) = state.registry.roles()?;
     Ok(Json(Health {
         status: "ok".into(),
         index,
@@ -938,7 +1070,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError>
         (status = 401, description = "Token required (--token-reads)", body = ErrorBody),
         (status = 503, description = "Shutting down", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let (index, roles) = state.registry.roles().await?;
+    let (index, roles) = state.registry.roles()?;
     let mut roles: Vec<(String, usize)> =
         roles.into_iter().map(|(r, n)| (r.to_string(), n)).collect();
     {
@@ -965,7 +1097,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         .unwrap_or_else(|p| p.into_inner())
         .values()
         .sum();
-    let mut text = crate::metrics::render(
+    let mut out = crate::metrics::render(
         &state.dns_stats,
         state.registry.counters(),
         &state.api_metrics,
@@ -977,8 +1109,9 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         },
     );
     if let Some(link) = state.registry.etcd_link() {
-        link.render(&mut text);
+        link.render(&mut out);
     }
+    let text = out.finish();
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

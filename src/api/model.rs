@@ -99,3 +99,46 @@ pub struct RoleOut {
     pub index: u64,
     pub nodes: Vec<NodeOut>,
 }
+
+/// One target group of `GET /v1/sd/prometheus` (Prometheus's `http_sd_config` format): one
+/// node, as `host:port` (just the host when the node has no port), with its labels.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SdTargetGroup {
+    #[schema(example = json!(["10.0.0.7:8080"]))]
+    pub targets: Vec<String>,
+    /// `__meta_rollcall_role`, `__meta_rollcall_node`, `__meta_rollcall_service`,
+    /// `__meta_rollcall_weight`, `__meta_rollcall_session`, and `__meta_rollcall_meta_<key>`
+    /// for each meta key (characters outside `[A-Za-z0-9_]` become `_`).
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SdTargetGroup {
+    pub fn from_node(n: &NodeInfo) -> SdTargetGroup {
+        let host = match n.spec.addr {
+            std::net::IpAddr::V6(a) => format!("[{a}]"),
+            a => a.to_string(),
+        };
+        let target = match n.spec.port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        let mut labels = BTreeMap::new();
+        labels.insert("__meta_rollcall_role".into(), n.key.role.to_string());
+        labels.insert("__meta_rollcall_node".into(), n.key.node.to_string());
+        labels.insert("__meta_rollcall_service".into(), n.spec.service.to_string());
+        labels.insert("__meta_rollcall_weight".into(), n.spec.weight.to_string());
+        labels.insert("__meta_rollcall_session".into(), n.session.to_string());
+        for (k, v) in &n.spec.meta {
+            let key: String = k
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+                .collect();
+            labels.insert(format!("__meta_rollcall_meta_{key}"), v.clone());
+        }
+        SdTargetGroup {
+            targets: vec![target],
+            labels,
+        }
+    }
+}

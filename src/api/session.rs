@@ -18,6 +18,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
@@ -38,7 +39,7 @@ const MAX_MESSAGE: usize = 4096;
         (status = 101, description = "Switching to the WebSocket protocol: ping at least every ttl/3; closing deregisters the node"),
         (status = 400, description = "Bad label, or not a WebSocket upgrade", body = ErrorBody),
         (status = 401, description = "Token required (--token)", body = ErrorBody),
-        (status = 403, description = "Outside --allow-register, or a browser Origin", body = ErrorBody),
+        (status = 403, description = "Outside --allow-register, a browser Origin, a role the token may not write (--token-file), or no client certificate (--tls-client-ca)", body = ErrorBody),
         (status = 404, description = "The node is not registered: PUT it first", body = ErrorBody),
         (status = 405, description = "Not a GET", body = ErrorBody),
         (status = 426, description = "The connection cannot be upgraded", body = ErrorBody),
@@ -47,11 +48,13 @@ const MAX_MESSAGE: usize = 4096;
 pub async fn session(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    scope: Option<Extension<super::tokens::Scope>>,
     Path((role, node)): Path<(String, String)>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let key = parse_key(&role, &node)?;
+    super::check_scope(scope.as_deref(), &key.role)?;
     check_peer(&state.access, peer_ip(peer))?;
     check_origin(&headers)?;
     let ws = ws.map_err(|r| ApiError::new(r.status(), format!("not a WebSocket upgrade: {r}")))?;

@@ -227,7 +227,7 @@ async fn every_bad_input_gets_a_4xx_in_words_and_changes_nothing() {
         );
     }
     assert_eq!(registry.index(), 0, "bad input changed the registry");
-    assert!(registry.roles().await.unwrap().1.is_empty());
+    assert!(registry.roles().unwrap().1.is_empty());
 }
 
 #[tokio::test]
@@ -283,7 +283,7 @@ async fn register_then_delete() {
 #[tokio::test]
 async fn token_protects_writes_only_unless_token_reads() {
     let (app, registry) = app_with(Access {
-        token: Some("s3cret".into()),
+        tokens: tokens::Tokens::single("s3cret").shared(),
         ..Access::default()
     });
     let (status, body) = call(&app, "PUT", "/v1/roles/app/nodes/n1", "{}", None).await;
@@ -314,7 +314,7 @@ async fn token_protects_writes_only_unless_token_reads() {
     );
 
     let (app, _) = app_with(Access {
-        token: Some("s3cret".into()),
+        tokens: tokens::Tokens::single("s3cret").shared(),
         token_reads: true,
         ..Access::default()
     });
@@ -377,7 +377,7 @@ async fn allow_register_checks_peer_and_address() {
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(body["error"].as_str().unwrap().contains("192.168.1.1"));
-    assert_eq!(registry.roles().await.unwrap().1[0].1, 1);
+    assert_eq!(registry.roles().unwrap().1[0].1, 1);
 
     let (app, _) = app_with(Access {
         allow_register: vec!["172.16.0.0/12".parse().unwrap()],
@@ -436,11 +436,7 @@ async fn allow_register_covers_delete_and_sessions() {
     assert!(body["error"].as_str().unwrap().contains("--allow-register"));
     let (status, _) = call(&strict, "GET", "/v1/roles/app/nodes/n1/session", "", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(
-        registry.roles().await.unwrap().1.len(),
-        1,
-        "nothing was removed"
-    );
+    assert_eq!(registry.roles().unwrap().1.len(), 1, "nothing was removed");
 }
 
 #[tokio::test]
@@ -578,5 +574,149 @@ fn host_names_accepted() {
         "\u{7f}",
     ] {
         assert!(!host_allowed(&access, bad.as_bytes()), "{bad}");
+    }
+}
+
+/// A token table: each token writes only its roles (PUT, DELETE and session alike, 403 with a
+/// sentence naming the role and what it may write); reads follow `read`; `--token` style
+/// tokens may write everything.
+#[tokio::test]
+async fn scoped_tokens_write_only_their_roles() {
+    let table = tokens::Tokens::parse(
+        "[[token]]\nname = \"apps\"\nsecret = \"app-s\"\nroles = [\"appserver\"]\n\
+         [[token]]\nsecret = \"front-s\"\nroles = [\"front*\"]\nread = false\n",
+    )
+    .unwrap();
+    let (app, registry) = app_with(Access {
+        tokens: table.shared(),
+        token_reads: true,
+        ..Access::default()
+    });
+    let put = |role: &str, token: &str| {
+        let (app, uri, token) = (
+            app.clone(),
+            format!("/v1/roles/{role}/nodes/n1"),
+            token.to_owned(),
+        );
+        async move { call(&app, "PUT", &uri, r#"{"addr":"10.0.0.1"}"#, Some(&token)).await }
+    };
+    assert_eq!(put("appserver", "app-s").await.0, StatusCode::OK);
+    assert_eq!(
+        put("AppServer", "app-s").await.0,
+        StatusCode::OK,
+        "labels fold case first"
+    );
+    assert_eq!(put("frontserver", "front-s").await.0, StatusCode::OK);
+    let index = registry.index();
+    let (status, body) = put("frontserver", "app-s").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let e = body["error"].as_str().unwrap();
+    assert!(
+        e.contains("token \"apps\" may not write role frontserver")
+            && e.contains("only roles matching appserver"),
+        "{e}"
+    );
+    // Percent-encoded role names are decoded before the check.
+    assert_eq!(put("front%73erver", "app-s").await.0, StatusCode::FORBIDDEN);
+    let (status, body) = call(
+        &app,
+        "DELETE",
+        "/v1/roles/frontserver/nodes/n1",
+        "",
+        Some("app-s"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"].as_str().unwrap().contains("role frontserver"));
+    let (status, body) = call(
+        &app,
+        "GET",
+        "/v1/roles/frontserver/nodes/n1/session",
+        "",
+        Some("app-s"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"].as_str().unwrap().contains("role frontserver"));
+    assert_eq!(registry.index(), index, "a refused write changes nothing");
+    assert_eq!(
+        call(
+            &app,
+            "DELETE",
+            "/v1/roles/frontserver/nodes/n1",
+            "",
+            Some("front-s")
+        )
+        .await
+        .0,
+        StatusCode::NO_CONTENT
+    );
+    // Reads: with --token-reads, a token with read = false may not.
+    assert_eq!(
+        call(&app, "GET", "/v1/roles", "", Some("app-s")).await.0,
+        StatusCode::OK
+    );
+    let (status, body) = call(&app, "GET", "/v1/roles", "", Some("front-s")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"].as_str().unwrap().contains("may not read"));
+    assert_eq!(
+        call(&app, "GET", "/v1/roles", "", Some("nope")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&app, "GET", "/healthz", "", None).await.0,
+        StatusCode::OK
+    );
+}
+
+/// With --tls-client-ca, writes need a verified client certificate; reads need none.
+#[tokio::test]
+async fn client_certificates_guard_writes_only() {
+    let (app, _) = app_with(Access {
+        client_cert_writes: true,
+        ..Access::default()
+    });
+    let send = |method: &str, uri: &str, transport: serve::Transport| {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .extension(transport)
+            .body(Body::from(r#"{"addr":"10.0.0.1"}"#))
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+    };
+    let no_cert = serve::Transport {
+        tls: true,
+        client_cert: false,
+    };
+    let with_cert = serve::Transport {
+        tls: true,
+        client_cert: true,
+    };
+    let (status, body) = send("PUT", "/v1/roles/app/nodes/n1", no_cert).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body.contains("--client-cert"), "{body}");
+    assert_eq!(
+        send("DELETE", "/v1/roles/app/nodes/n1", no_cert).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send("GET", "/v1/roles/app/nodes/n1/session", no_cert)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send("PUT", "/v1/roles/app/nodes/n1", with_cert).await.0,
+        StatusCode::OK
+    );
+    for read in ["/v1/roles/app", "/v1/roles", "/metrics", "/healthz", "/"] {
+        assert_eq!(send("GET", read, no_cert).await.0, StatusCode::OK, "{read}");
     }
 }

@@ -19,7 +19,7 @@ use crate::registry::{Publish, RoleView};
 
 use super::encode::{encode_records, wire_name};
 use super::role::RoleBuild;
-use super::snapshot::{Entry, ReverseIndex, RrSet, Snapshot, Soa, Zone, TYPE_NS, TYPE_SOA};
+use super::snapshot::{Entry, Map, ReverseIndex, RrSet, Snapshot, Soa, Zone, TYPE_NS, TYPE_SOA};
 use super::zones::StaticZone;
 
 /// Settings for the apex of the dynamic zone.
@@ -69,7 +69,7 @@ pub struct Builder {
     /// The zones of `statics` other than the dynamic one, encoded once per load.
     static_zones: Vec<Arc<Zone>>,
     /// What the dynamic zone serves without a zone file of its own (`ns.<zone>`).
-    default_names: Arc<HashMap<Box<[u8]>, Entry>>,
+    default_names: Arc<Map<Box<[u8]>, Entry>>,
     serial: u32,
     /// etcd mode: the serial is `base + index`, the same on every server.
     serial_base: Option<u32>,
@@ -95,7 +95,7 @@ impl Builder {
             index: 0,
             out: Arc::new(ArcSwap::from_pointee(Snapshot {
                 zones: Vec::new(),
-                roles: HashMap::new(),
+                roles: Map::default(),
                 reverse: ReverseIndex::default(),
                 index: 0,
             })),
@@ -243,8 +243,8 @@ impl Publish for Arc<Mutex<Builder>> {
 }
 
 /// Names the dynamic zone serves when no zone file defines it: `ns.<zone>` A, if known.
-fn default_names(s: &ZoneSettings) -> HashMap<Box<[u8]>, Entry> {
-    let mut names = HashMap::new();
+fn default_names(s: &ZoneSettings) -> Map<Box<[u8]>, Entry> {
+    let mut names = Map::default();
     if let (Some(addr), true) = (s.ns_addr, s.zone.zone_of(&s.ns_name)) {
         let rec = Record::from_rdata(s.ns_name.clone(), s.record_ttl, rdata_for(addr));
         let rtype = rec.record_type();
@@ -276,7 +276,7 @@ fn make_zone(
     dynamic: bool,
     soa: Soa,
     apex_static: Vec<RrSet>,
-    names: Arc<HashMap<Box<[u8]>, Entry>>,
+    names: Arc<Map<Box<[u8]>, Entry>>,
     default_ns: Option<&ZoneSettings>,
 ) -> Zone {
     let soa_rdata = hickory_proto::rr::rdata::SOA::new(

@@ -8,14 +8,20 @@
 //! - `udp.rs`: one `SO_REUSEPORT` socket per thread, a tight receive-answer-send loop;
 //! - `tcp.rs`: tokio tasks, one per connection, length-prefixed messages;
 //! - `zones.rs`: static zone files;
-//! - `forward.rs`: names outside our zones relayed upstream (`--forward`), off the fast path.
+//! - `forward/`: names outside our zones relayed upstream (`--forward`), off the fast path;
+//! - `policy.rs`: what one client may do (query, recurse), the same over UDP and TCP;
+//! - `acl.rs`: the [`acl::Acl`] type of `--allow-query`, `--allow-recursion`,
+//!   `--rate-limit-exempt`, and the trusted default networks;
+//! - `rrl.rs`: response rate limiting, applied to every UDP response.
 //!
 //! Nothing here takes a lock while answering: readers load the current [`Snapshot`] from an
 //! `ArcSwap` that only the [`Builder`] stores into.
 
+pub mod acl;
 pub mod builder;
 pub mod encode;
 pub mod forward;
+pub mod policy;
 pub mod role;
 pub mod rrl;
 pub mod snapshot;

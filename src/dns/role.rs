@@ -1,6 +1,6 @@
 //! The DNS data of one role, kept up to date change by change ([`RoleBuild`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use crate::registry::{Label, NodeSpec};
 use super::encode::{
     addr_rdata, addr_type, header, prepend, question, rr_named, rr_ptr_owner, MAX_POINTER,
 };
-use super::snapshot::{
+use super::snapshot::{Map, 
     Entry, ReverseIndex, RoleData, RrSet, Template, TYPE_A, TYPE_AAAA, TYPE_SRV,
 };
 
@@ -242,7 +242,7 @@ impl RoleBuild {
     /// zone-wide reverse index (address -> node names), shared by every role, kept in step.
     pub fn apply(&mut self, changed: &[(&Label, Option<&NodeSpec>)], reverse: &mut ReverseIndex) {
         let mut data = RoleData {
-            names: HashMap::new(),
+            names: Map::default(),
             nodes: self.data.nodes.clone(),
         };
         for (label, spec) in changed {
@@ -288,8 +288,8 @@ impl RoleBuild {
     }
 
     /// The role-wide names, encoded from every node.
-    fn role_names(&self) -> HashMap<Box<[u8]>, Entry> {
-        let mut names = HashMap::new();
+    fn role_names(&self) -> Map<Box<[u8]>, Entry> {
+        let mut names = Map::default();
         if self.nodes.is_empty() {
             return names;
         }

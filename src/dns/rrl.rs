@@ -6,12 +6,15 @@
 //!
 //! One table shared by every UDP thread: a fixed array of atomic buckets (second, count),
 //! indexed by a hash of the prefix, so the query path takes no lock and allocates nothing.
-//! Sources in `exempt` (loopback by default: it cannot be spoofed from outside) are not counted.
+//! Sources in `exempt` are not counted. By default that is loopback and the private networks
+//! of interfaces without a default route ([`super::acl::trusted_local_networks`]): the
+//! cluster's own clients (a compose stack's nginx resolvers share one /24) are never held back,
+//! while a source on the network the world comes in through is.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ipnet::IpNet;
+use super::acl::Acl;
 
 const BUCKETS: usize = 1 << 16;
 
@@ -22,7 +25,7 @@ pub struct RateLimitConfig {
     pub limit: u32,
     /// Every `slip`-th response over the limit is sent truncated; 0 drops them all.
     pub slip: u32,
-    pub exempt: Vec<IpNet>,
+    pub exempt: Acl,
 }
 
 impl Default for RateLimitConfig {
@@ -30,7 +33,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             limit: 200,
             slip: 2,
-            exempt: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            exempt: Acl::only(super::acl::trusted_local_networks()),
         }
     }
 }
@@ -61,7 +64,7 @@ impl RateLimit {
 
     /// Whether a response to `source` may go out now (counting it).
     pub fn check(&self, source: IpAddr) -> Verdict {
-        if self.config.limit == 0 || super::udp::allowed(&self.config.exempt, source) {
+        if self.config.limit == 0 || self.config.exempt.allows(source) {
             return Verdict::Send;
         }
         let prefix: u64 = match source {
@@ -119,7 +122,7 @@ mod tests {
         let rl = RateLimit::new(RateLimitConfig {
             limit: 10,
             slip: 2,
-            ..RateLimitConfig::default()
+            exempt: Acl::only(vec!["127.0.0.0/8".parse().unwrap()]),
         });
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let same_prefix: IpAddr = "192.0.2.200".parse().unwrap();

@@ -11,13 +11,18 @@
 //! template's (same length) to preserve the client's letter case.
 
 use std::borrow::Borrow;
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use hickory_proto::rr::Name;
+
+/// The hash maps of the query path: foldhash, keyed with a per-process random seed (names are
+/// registered by clients, so the seed keeps them from choosing colliding keys), several times
+/// cheaper than SipHash on the short names looked up per query.
+pub type Map<K, V> = HashMap<K, V, RandomState>;
+pub type RandomState = foldhash::fast::RandomState;
 
 pub const TYPE_A: u16 = 1;
 pub const TYPE_NS: u16 = 2;
@@ -33,7 +38,7 @@ pub struct Snapshot {
     /// snapshot until the zone files are loaded again.
     pub zones: Vec<Arc<Zone>>,
     /// Dynamic data of the first zone, keyed by role label (lower case, no length byte).
-    pub roles: HashMap<Box<[u8]>, Arc<RoleData>>,
+    pub roles: Map<Box<[u8]>, Arc<RoleData>>,
     /// Reverse data of every registered node.
     pub reverse: ReverseIndex,
     /// The generation index of the registry this snapshot reflects.
@@ -49,7 +54,7 @@ pub struct Zone {
     /// The apex's own records (SOA, NS, static apex data).
     pub apex_entry: Entry,
     /// Static names of the zone (lower-case wire, absolute), including empty non-terminals.
-    pub names: Arc<HashMap<Box<[u8]>, Entry>>,
+    pub names: Arc<Map<Box<[u8]>, Entry>>,
     /// The SOA record for negative answers, without its owner name (type..rdata).
     pub soa_tail: Box<[u8]>,
     pub serial: u32,
@@ -60,7 +65,7 @@ pub struct Zone {
 pub struct RoleData {
     /// The role's own names (absolute lower-case wire): `role.zone` (A, AAAA, SRV),
     /// `_tcp.role.zone` (an empty non-terminal) and `_svc._tcp.role.zone` (SRV).
-    pub names: HashMap<Box<[u8]>, Entry>,
+    pub names: Map<Box<[u8]>, Entry>,
     /// `node.role.zone` -> its address record, sharded so that a change copies one shard.
     pub nodes: Shards<Box<[u8]>, Entry>,
 }
@@ -96,7 +101,7 @@ pub struct Shards<K, V> {
     /// chosen to pile into one shard.
     pick: RandomState,
     /// A power of two of them.
-    shards: Box<[Arc<HashMap<K, V>>]>,
+    shards: Box<[Arc<Map<K, V>>]>,
     len: usize,
 }
 
@@ -106,8 +111,8 @@ const SHARD_TARGET: usize = 64;
 impl<K: Hash + Eq + Clone, V: Clone> Default for Shards<K, V> {
     fn default() -> Self {
         Shards {
-            pick: RandomState::new(),
-            shards: Box::new([Arc::new(HashMap::new())]),
+            pick: RandomState::default(),
+            shards: Box::new([Arc::new(Map::default())]),
             len: 0,
         }
     }
@@ -171,7 +176,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
     }
 
     fn reshard(&mut self, count: usize) {
-        let mut shards: Vec<HashMap<K, V>> = (0..count).map(|_| HashMap::new()).collect();
+        let mut shards: Vec<Map<K, V>> = (0..count).map(|_| Map::default()).collect();
         for shard in self.shards.iter() {
             for (k, v) in shard.iter() {
                 let i = self.pick.hash_one(k) as usize & (count - 1);

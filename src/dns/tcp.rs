@@ -15,6 +15,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use std::net::IpAddr;
+
+use super::forward::Forwarder;
+use super::policy::{Client, NotOurs, Policy};
 use super::snapshot::Snapshot;
 use super::wire::{answer, Outcome, Transport};
 use crate::metrics::DnsStats;
@@ -29,8 +33,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub async fn serve(
     listener: TcpListener,
     snapshots: Arc<ArcSwap<Snapshot>>,
-    allow: Arc<[ipnet::IpNet]>,
-    forward: Option<Arc<super::forward::Forwarder>>,
+    policy: Arc<Policy>,
     stats: Arc<DnsStats>,
     shutdown: CancellationToken,
 ) {
@@ -48,9 +51,7 @@ pub async fn serve(
             },
         };
         backoff.ok();
-        let refused = !allow.is_empty() && !super::udp::allowed(&allow, peer.ip());
-        // Forwarding for this client, if it may recurse.
-        let forward = forward.clone().filter(|f| f.allowed(peer.ip()));
+        let client = policy.client(Some(peer.ip()));
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "too many dns tcp connections, closing");
             continue;
@@ -59,10 +60,11 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let stats = stats.clone();
         let permits = permits.clone();
+        let policy = policy.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = connection(stream, &snapshots, &stats, &permits, refused, forward.as_deref()) => {}
+                _ = connection(stream, peer.ip(), &snapshots, &stats, &permits, &policy, client) => {}
             }
             drop(permit);
         });
@@ -71,17 +73,19 @@ pub async fn serve(
 
 async fn connection(
     mut stream: TcpStream,
+    peer: IpAddr,
     snapshots: &ArcSwap<Snapshot>,
     stats: &DnsStats,
     permits: &Semaphore,
-    refused: bool,
-    forward: Option<&super::forward::Forwarder>,
+    policy: &Policy,
+    client: Client,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; 512];
     let mut out = Vec::with_capacity(4096);
     let mut framed = Vec::with_capacity(4096 + 2);
     let mut rotation = rand::random::<u32>();
+    let mut key = Vec::with_capacity(264);
     loop {
         let idle = if permits.available_permits() < MAX_CONNECTIONS / 4 {
             BUSY_IDLE_TIMEOUT
@@ -98,7 +102,7 @@ async fn connection(
         tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut buf[..len]))
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
-        let outcome = if refused {
+        let outcome = if !client.may_query {
             super::wire::refuse(&buf[..len], &mut out)
         } else {
             answer(
@@ -109,45 +113,28 @@ async fn connection(
                 &mut rotation,
             )
         };
-        let outcome = match (outcome, forward) {
-            (Outcome::NotOurs { qtype }, Some(f)) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let job = super::forward::Job {
-                    query: buf[..len].to_vec(),
-                    reply: super::forward::Reply::Tcp(tx),
-                };
-                let rcode = match f.submit(job) {
-                    Ok(()) => match rx.await {
-                        Ok(answer) => {
-                            out.clear();
-                            out.extend_from_slice(&answer);
-                            out.get(3).map_or(2, |b| b & 0x0f)
-                        }
-                        Err(_) => {
-                            super::wire::set_rcode(&mut out, 2);
-                            2
-                        }
-                    },
-                    Err(_) => {
-                        super::wire::set_rcode(&mut out, 2);
-                        2
-                    }
-                };
-                if out.len() > 3 {
-                    out[3] |= 0x80;
-                }
-                Outcome::Answered {
-                    rcode,
+        let outcome = match outcome {
+            Outcome::NotOurs { qtype } => match policy.not_ours(client) {
+                NotOurs::Refuse => Outcome::Answered {
+                    rcode: super::wire::RCODE_REFUSED,
                     truncated: false,
                     qtype,
+                },
+                NotOurs::Forward(f) => {
+                    let q = &buf[..len];
+                    let (rcode, truncated) =
+                        match f.answer_cached(q, &mut out, &mut key, Transport::Tcp) {
+                            Some(truncated) => (out[3] & 0x0f, truncated),
+                            None => (forward(f, q, peer, &mut out).await, false),
+                        };
+                    Outcome::Answered {
+                        rcode,
+                        truncated,
+                        qtype,
+                    }
                 }
-            }
-            (Outcome::NotOurs { qtype }, None) => Outcome::Answered {
-                rcode: super::wire::RCODE_REFUSED,
-                truncated: false,
-                qtype,
             },
-            (o, _) => o,
+            o => o,
         };
         if let Outcome::Answered {
             rcode,
@@ -155,6 +142,7 @@ async fn connection(
             qtype,
         } = outcome
         {
+            policy.finish(client, &mut out);
             stats.tcp.answered(qtype, rcode, truncated);
             framed.clear();
             framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
@@ -164,4 +152,23 @@ async fn connection(
                 .map_err(|_| std::io::ErrorKind::TimedOut)??;
         }
     }
+}
+
+/// A query handed to the forwarder; its answer (or SERVFAIL) in `out`. Returns the rcode.
+async fn forward(f: &Forwarder, q: &[u8], peer: IpAddr, out: &mut Vec<u8>) -> u8 {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = super::forward::Job {
+        query: q.to_vec(),
+        client: peer,
+        reply: super::forward::Reply::Tcp(tx),
+    };
+    if f.submit(job).is_ok() {
+        if let Ok(answer) = rx.await {
+            out.clear();
+            out.extend_from_slice(&answer);
+            return out.get(3).map_or(2, |b| b & 0x0f);
+        }
+    }
+    super::wire::set_rcode(out, 2);
+    2
 }

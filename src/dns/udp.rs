@@ -13,9 +13,10 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio_util::sync::CancellationToken;
 
+use super::policy::{NotOurs, Policy};
+use super::rrl::Verdict;
 use super::snapshot::Snapshot;
-use super::wire::{answer, refuse, Outcome, Transport};
-use ipnet::IpNet;
+use super::wire::{answer, refuse, Outcome, Transport, RCODE_REFUSED};
 
 use crate::metrics::DnsStats;
 use std::net::IpAddr;
@@ -52,9 +53,7 @@ pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
 pub fn spawn(
     sockets: Vec<UdpSocket>,
     snapshots: Arc<ArcSwap<Snapshot>>,
-    allow: Arc<[IpNet]>,
-    rate_limit: Arc<super::rrl::RateLimit>,
-    forward: Option<Arc<super::forward::Forwarder>>,
+    policy: Arc<Policy>,
     stats: Arc<DnsStats>,
     shutdown: CancellationToken,
 ) -> Vec<std::thread::JoinHandle<()>> {
@@ -64,12 +63,11 @@ pub fn spawn(
         .map(|(i, socket)| {
             let snapshots = snapshots.clone();
             let shutdown = shutdown.clone();
-            let allow = allow.clone();
-            let rate_limit = rate_limit.clone();
-            let forward = forward.clone();
+            let policy = policy.clone();
             let counters = stats.udp_thread();
             // Forwarded answers leave from the same address and port the query came to.
-            let reply_socket = forward
+            let reply_socket = policy
+                .forward
                 .as_ref()
                 .and_then(|_| socket.try_clone().ok())
                 .map(Arc::new);
@@ -81,27 +79,38 @@ pub fn spawn(
                     let mut key = Vec::with_capacity(264);
                     serve_batched(&socket, &shutdown, |query, source, out| {
                         let ip = source_ip(source);
-                        let outcome =
-                            if !allow.is_empty() && !ip.is_some_and(|ip| allowed(&allow, ip)) {
-                                refuse(query, out)
-                            } else {
-                                answer(cache.load(), query, out, Transport::Udp, &mut rotation)
-                            };
-                        match outcome {
-                            Outcome::NotOurs { qtype } => {
-                                let Some(f) = forward.as_ref() else {
-                                    counters.answered(qtype, super::wire::RCODE_REFUSED, false);
-                                    return true;
-                                };
-                                let may_recurse = ip.is_some_and(|ip| f.allowed(ip));
-                                match (source_addr(source), &reply_socket) {
-                                    _ if may_recurse && f.answer_cached(query, out, &mut key) => {
-                                        counters.answered(qtype, out[3] & 0x0f, false);
-                                        true
-                                    }
-                                    (Some(to), Some(socket)) if may_recurse => {
+                        let client = policy.client(ip);
+                        let outcome = if !client.may_query {
+                            refuse(query, out)
+                        } else {
+                            answer(cache.load(), query, out, Transport::Udp, &mut rotation)
+                        };
+                        let (rcode, truncated, qtype) = match outcome {
+                            Outcome::Answered {
+                                rcode,
+                                truncated,
+                                qtype,
+                            } => (rcode, truncated, qtype),
+                            Outcome::Drop => {
+                                counters.dropped();
+                                return false;
+                            }
+                            Outcome::NotOurs { qtype } => match policy.not_ours(client) {
+                                NotOurs::Refuse => (RCODE_REFUSED, false, qtype),
+                                NotOurs::Forward(f) => {
+                                    if let Some(truncated) =
+                                        f.answer_cached(query, out, &mut key, Transport::Udp)
+                                    {
+                                        (out[3] & 0x0f, truncated, qtype)
+                                    } else {
+                                        let (Some(to), Some(socket), Some(client_ip)) =
+                                            (source_addr(source), &reply_socket, ip)
+                                        else {
+                                            return false;
+                                        };
                                         let job = super::forward::Job {
                                             query: query.to_vec(),
+                                            client: client_ip,
                                             reply: super::forward::Reply::Udp {
                                                 socket: socket.clone(),
                                                 to,
@@ -110,53 +119,30 @@ pub fn spawn(
                                         if f.submit(job).is_ok() {
                                             return false; // the forwarder answers
                                         }
-                                        // Too many in flight: a fast SERVFAIL.
+                                        // Too many queued: a fast SERVFAIL.
                                         super::wire::set_rcode(out, 2);
-                                        out[3] |= 0x80;
-                                        counters.answered(qtype, 2, false);
-                                        true
+                                        (2, false, qtype)
                                     }
-                                    _ => {
-                                        f.stats
-                                            .refused_acl
-                                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                        counters.answered(qtype, super::wire::RCODE_REFUSED, false);
-                                        true
-                                    }
-                                }
-                            }
-                            Outcome::Answered {
-                                rcode,
-                                truncated,
-                                qtype,
-                            } => match ip.map(|ip| rate_limit.check(ip)) {
-                                Some(super::rrl::Verdict::Drop) => {
-                                    counters.rate_limited();
-                                    false
-                                }
-                                Some(super::rrl::Verdict::Slip) => {
-                                    super::wire::slip(out);
-                                    counters.rate_limited();
-                                    counters.answered(qtype, rcode, true);
-                                    true
-                                }
-                                _ => {
-                                    // A client that may recurse is told recursion is available.
-                                    if forward
-                                        .as_ref()
-                                        .zip(ip)
-                                        .is_some_and(|(f, ip)| f.allowed(ip))
-                                        && out.len() > 3
-                                    {
-                                        out[3] |= 0x80;
-                                    }
-                                    counters.answered(qtype, rcode, truncated);
-                                    true
                                 }
                             },
-                            Outcome::Drop => {
-                                counters.dropped();
+                        };
+                        // Every response sent from here passes the rate limit.
+                        match ip.map(|ip| policy.rate_limit.check(ip)) {
+                            Some(Verdict::Drop) => {
+                                counters.rate_limited();
                                 false
+                            }
+                            Some(Verdict::Slip) => {
+                                super::wire::slip(out);
+                                policy.finish(client, out);
+                                counters.rate_limited();
+                                counters.answered(qtype, rcode, true);
+                                true
+                            }
+                            _ => {
+                                policy.finish(client, out);
+                                counters.answered(qtype, rcode, truncated);
+                                true
                             }
                         }
                     })
@@ -202,14 +188,24 @@ pub fn serve_batched(
     let mut tx: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let addr_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
 
+    // Every receive header points at its own buffer and address slot for good; after a
+    // receive only the headers the kernel filled are reset (it writes their name length, flags
+    // and length), so a batch of one costs one reset, not BATCH.
+    for i in 0..BATCH {
+        rx[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+        rx[i].msg_hdr.msg_namelen = addr_len;
+        rx[i].msg_hdr.msg_iov = &mut rx_iov[i];
+        rx[i].msg_hdr.msg_iovlen = 1;
+        rx[i].msg_len = 0;
+    }
+    let mut filled = 0;
     while !shutdown.is_cancelled() {
-        for i in 0..BATCH {
-            rx[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
-            rx[i].msg_hdr.msg_namelen = addr_len;
-            rx[i].msg_hdr.msg_iov = &mut rx_iov[i];
-            rx[i].msg_hdr.msg_iovlen = 1;
-            rx[i].msg_len = 0;
+        for h in &mut rx[..filled] {
+            h.msg_hdr.msg_namelen = addr_len;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
         }
+        filled = 0;
         let n = unsafe {
             libc::recvmmsg(
                 fd,
@@ -229,6 +225,7 @@ pub fn serve_batched(
             }
             continue;
         }
+        filled = n as usize;
         let mut count = 0;
         for i in 0..n as usize {
             let len = (rx[i].msg_len as usize).min(MAX_DATAGRAM);
@@ -283,15 +280,6 @@ fn source_port(addr: &libc::sockaddr_storage) -> u16 {
         }
         _ => 0,
     }
-}
-
-/// True when `ip` (IPv4-mapped IPv6 folded to IPv4) is inside one of `nets`.
-pub fn allowed(nets: &[IpNet], ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        ip => ip,
-    };
-    nets.iter().any(|n| n.contains(&ip))
 }
 
 fn source_addr(addr: &libc::sockaddr_storage) -> Option<SocketAddr> {

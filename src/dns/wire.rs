@@ -81,10 +81,10 @@ struct Edns {
     version: u8,
 }
 
-/// A query that passed the header checks: its question, whether it carried EDNS (and which
-/// version), and the largest response the transport allows.
+/// A query that passed the header checks: whether it carried EDNS (and which version), and the
+/// largest response the transport allows. Its question is parsed into the caller's
+/// [`Question`] (one stack slot, filled in place: never moved).
 struct Parsed {
-    question: Question,
     opt: bool,
     edns_version: u8,
     limit: usize,
@@ -130,13 +130,15 @@ pub fn answer(
     rotation: &mut u32,
 ) -> Outcome {
     out.clear();
-    let parsed = match parse(q, transport) {
+    let mut question = Question::new();
+    let parsed = match parse(q, transport, &mut question) {
         Ok(p) => p,
         Err(Unparsed::Drop) => return Outcome::Drop,
         Err(Unparsed::HeaderOnly(rcode)) => return header_only(q, out, rcode),
     };
-    let (question, opt, limit) = (&parsed.question, parsed.opt, parsed.limit);
-    match classify(snap, &parsed) {
+    let question = &question;
+    let (opt, limit) = (parsed.opt, parsed.limit);
+    match classify(snap, question, &parsed) {
         Kind::Authoritative { zone, apex_label } => authoritative(
             snap, q, question, zone, apex_label, out, limit, opt, rotation,
         ),
@@ -158,7 +160,7 @@ pub fn answer(
 }
 
 /// Header checks, the question and EDNS: everything that can be read without the snapshot.
-fn parse(q: &[u8], transport: Transport) -> Result<Parsed, Unparsed> {
+fn parse(q: &[u8], transport: Transport, question: &mut Question) -> Result<Parsed, Unparsed> {
     if q.len() < 12 || q[2] & 0x80 != 0 {
         return Err(Unparsed::Drop);
     }
@@ -170,7 +172,9 @@ fn parse(q: &[u8], transport: Transport) -> Result<Parsed, Unparsed> {
     if qdcount != 1 {
         return Err(Unparsed::HeaderOnly(RCODE_FORMERR));
     }
-    let question = parse_question(q).ok_or(Unparsed::HeaderOnly(RCODE_FORMERR))?;
+    if !parse_question(q, question) {
+        return Err(Unparsed::HeaderOnly(RCODE_FORMERR));
+    }
     let edns = parse_edns(q, question.end).map_err(|()| Unparsed::HeaderOnly(RCODE_FORMERR))?;
     let limit = match (transport, &edns) {
         (Transport::Tcp, _) => usize::from(u16::MAX),
@@ -180,14 +184,92 @@ fn parse(q: &[u8], transport: Transport) -> Result<Parsed, Unparsed> {
     Ok(Parsed {
         opt: edns.is_some(),
         edns_version: edns.map_or(0, |e| e.version),
-        question,
         limit,
     })
 }
 
+/// What forwarding needs of a client's query, from the same parse the authoritative path
+/// uses: where the question ends and the client's EDNS (payload size, DO bit) if it sent OPT.
+/// The cache key goes into the caller's buffer: the lower-cased wire name, qtype, qclass, then
+/// one byte of flags (DO = 1, CD = 2); equal keys ask an upstream the same question.
+pub struct ClientQuery {
+    /// End of the question in the query.
+    pub qend: usize,
+    /// The client's UDP payload size when it sent an OPT record.
+    pub edns: Option<u16>,
+    pub dnssec_ok: bool,
+    pub checking_disabled: bool,
+    pub qtype: u16,
+}
+
+impl ClientQuery {
+    /// The largest response this client takes over `transport`.
+    pub fn limit(&self, transport: Transport) -> usize {
+        match transport {
+            Transport::Tcp => usize::from(u16::MAX),
+            Transport::Udp => usize::from(self.edns.map_or(512, |p| p.clamp(512, MAX_UDP_PAYLOAD))),
+        }
+    }
+}
+
+/// Parses a query for forwarding, its cache key into `key` (None: not a query with one
+/// question, or a malformed one). No allocation beyond `key`'s growth.
+pub fn client_query(q: &[u8], key: &mut Vec<u8>) -> Option<ClientQuery> {
+    let mut question = Question::new();
+    parse(q, Transport::Tcp, &mut question).ok()?;
+    let question = &question;
+    let (edns, dnssec_ok) = match opt_flags(q, question.end) {
+        Some((payload, flags)) => (Some(payload), flags & 0x8000 != 0),
+        None => (None, false),
+    };
+    let checking_disabled = q[3] & 0x10 != 0;
+    key.clear();
+    key.extend_from_slice(&question.name[..question.len]);
+    key.extend_from_slice(&question.qtype.to_be_bytes());
+    key.extend_from_slice(&question.qclass.to_be_bytes());
+    key.push(u8::from(dnssec_ok) | u8::from(checking_disabled) << 1);
+    Some(ClientQuery {
+        qend: question.end,
+        edns,
+        dnssec_ok,
+        checking_disabled,
+        qtype: question.qtype,
+    })
+}
+
+/// The OPT record's payload size and flags (DO is the top bit), if the query has one.
+fn opt_flags(q: &[u8], mut pos: usize) -> Option<(u16, u16)> {
+    let count = |i: usize| u16::from_be_bytes([q[i], q[i + 1]]) as usize;
+    for _ in 0..count(6) + count(8) + count(10) {
+        pos = skip_name(q, pos)?;
+        let fixed = q.get(pos..pos + 10)?;
+        if u16::from_be_bytes([fixed[0], fixed[1]]) == TYPE_OPT {
+            return Some((
+                u16::from_be_bytes([fixed[2], fixed[3]]),
+                u16::from_be_bytes([fixed[6], fixed[7]]),
+            ));
+        }
+        pos += 10 + usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+    }
+    None
+}
+
+/// Where the (possibly compressed) name starting at `pos` ends; None past the end or on a
+/// reserved label type.
+pub fn skip_name(b: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let len = *b.get(pos)?;
+        match len & 0xC0 {
+            0xC0 => return (pos + 2 <= b.len()).then_some(pos + 2),
+            0 if len == 0 => return Some(pos + 1),
+            0 => pos += 1 + usize::from(len),
+            _ => return None,
+        }
+    }
+}
+
 /// Which kind of query this is, against the snapshot's zones.
-fn classify<'s>(snap: &'s Snapshot, parsed: &Parsed) -> Kind<'s> {
-    let question = &parsed.question;
+fn classify<'s>(snap: &'s Snapshot, question: &Question, parsed: &Parsed) -> Kind<'s> {
     if parsed.opt && parsed.edns_version > 0 {
         return Kind::BadVersion;
     }
@@ -276,35 +358,45 @@ fn pick<'e>(
     Some((t, shift))
 }
 
-fn parse_question(q: &[u8]) -> Option<Question> {
-    let mut question = Question {
-        name: [0; 256],
-        len: 0,
-        labels: [0; 128],
-        nlabels: 0,
-        qtype: 0,
-        qclass: 0,
-        end: 0,
-    };
+impl Question {
+    fn new() -> Question {
+        Question {
+            name: [0; 256],
+            len: 0,
+            labels: [0; 128],
+            nlabels: 0,
+            qtype: 0,
+            qclass: 0,
+            end: 0,
+        }
+    }
+}
+
+/// Reads the question of `q` into `question` (lower case); false when it is malformed.
+fn parse_question(q: &[u8], question: &mut Question) -> bool {
     let mut pos = 12;
+    question.len = 0;
+    question.nlabels = 0;
     loop {
-        let len = usize::from(*q.get(pos)?);
+        let Some(&len) = q.get(pos) else {
+            return false;
+        };
+        let len = usize::from(len);
         if len & 0xc0 != 0 {
-            return None; // compression (or the reserved label types) in a question: not from a real client
+            return false; // compression (or the reserved label types) in a question: not from a real client
         }
         if question.len + len + 1 > 255 || question.nlabels >= 127 {
-            return None;
+            return false;
         }
+        let Some(label) = q.get(pos + 1..pos + 1 + len) else {
+            return false;
+        };
         question.labels[question.nlabels] = question.len as u8;
         question.nlabels += 1;
         question.name[question.len] = len as u8;
-        let label = q.get(pos + 1..pos + 1 + len)?;
-        for (dst, src) in question.name[question.len + 1..question.len + 1 + len]
-            .iter_mut()
-            .zip(label)
-        {
-            *dst = src.to_ascii_lowercase();
-        }
+        let dst = &mut question.name[question.len + 1..question.len + 1 + len];
+        dst.copy_from_slice(label);
+        dst.make_ascii_lowercase();
         question.len += len + 1;
         pos += len + 1;
         if len == 0 {
@@ -313,11 +405,13 @@ fn parse_question(q: &[u8]) -> Option<Question> {
     }
     // The root label was counted as a label; drop it from the label list.
     question.nlabels -= 1;
-    let tail = q.get(pos..pos + 4)?;
+    let Some(tail) = q.get(pos..pos + 4) else {
+        return false;
+    };
     question.qtype = u16::from_be_bytes([tail[0], tail[1]]);
     question.qclass = u16::from_be_bytes([tail[2], tail[3]]);
     question.end = pos + 4;
-    Some(question)
+    true
 }
 
 /// Walks the answer, authority and additional sections for an OPT record.

@@ -4,7 +4,7 @@
 //! Loading is all-or-nothing: a directory with one bad file is rejected with the file and line
 //! named, so a SIGHUP reload either installs every new file or keeps serving the old set.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordSet, RecordType, RrKey};
 use hickory_proto::serialize::txt::Parser;
 
 use super::encode::{encode_records, wire_name};
-use super::snapshot::{Entry, RrSet, Soa};
+use super::snapshot::{Entry, Map, RrSet, Soa};
 
 pub struct StaticZone {
     pub origin: Name,
@@ -21,7 +21,7 @@ pub struct StaticZone {
     /// The apex's own RRsets but the SOA (whose serial the builder sets), pre-encoded.
     pub apex: Vec<RrSet>,
     /// Every name below the apex (and empty non-terminals), pre-encoded.
-    pub names: Arc<HashMap<Box<[u8]>, Entry>>,
+    pub names: Arc<Map<Box<[u8]>, Entry>>,
     pub record_count: usize,
 }
 
@@ -96,7 +96,7 @@ pub fn load_file(path: &Path) -> Result<StaticZone, ZoneError> {
         .to_lowercase();
 
     let mut soa = None;
-    let mut names: HashMap<Box<[u8]>, Entry> = HashMap::new();
+    let mut names: Map<Box<[u8]>, Entry> = Map::default();
     let mut apex: Vec<RrSet> = Vec::new();
     let mut record_count = 0;
     for (key, set) in &records {

@@ -16,6 +16,7 @@
 pub mod client;
 pub mod mirror;
 
+use crate::metrics::{Exposition, Kind};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -39,6 +40,9 @@ pub struct EtcdConfig {
     pub dial_timeout: Duration,
     /// How often the mirror is compared with a full list.
     pub resync: Duration,
+    /// Largest watch response line taken (tests lower it with the environment variable
+    /// `ROLLCALL_TEST_ETCD_WATCH_MAX_BYTES`; not a flag).
+    pub watch_line_max: usize,
 }
 
 impl EtcdConfig {
@@ -54,14 +58,16 @@ impl EtcdConfig {
         format!("{}/v1/meta/serial-base", self.prefix).into_bytes()
     }
 
-    /// The node a key names, if it is a well-formed node key under our prefix.
+    /// The node a key names, if it is a well-formed node key under our prefix, in the one
+    /// form rollcall writes (lower case): `App/UP` is not `app/up` (two keys would be one node).
     pub fn parse_key(&self, key: &[u8]) -> Option<NodeKey> {
         let rest = key.strip_prefix(self.nodes_prefix().as_slice())?;
         let rest = std::str::from_utf8(rest).ok()?;
         let (role, node) = rest.split_once('/')?;
+        let canonical = |s: &str| Label::parse(s).ok().filter(|l| l.as_str() == s);
         Some(NodeKey {
-            role: Label::parse(role).ok()?,
-            node: Label::parse(node).ok()?,
+            role: canonical(role)?,
+            node: canonical(node)?,
         })
     }
 }
@@ -77,6 +83,10 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     vec![0]
 }
+
+/// The largest value a registration through the API can make (its body limit, and room for
+/// the fields the server adds).
+pub const VALUE_MAX: usize = crate::api::BODY_LIMIT + 1024;
 
 /// A node as stored in etcd.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -113,10 +123,20 @@ impl NodeValue {
         serde_json::to_vec(self).expect("a node value always serializes")
     }
 
-    /// The spec, the registration time and whether a session holds the node.
+    /// The spec, the registration time and whether a session holds the node. Only the form
+    /// rollcall writes is read (the API's rules are checked by the owner on top).
     pub fn decode(bytes: &[u8]) -> Result<(NodeSpec, u64, bool), String> {
+        if bytes.len() > VALUE_MAX {
+            return Err(format!(
+                "{} bytes: larger than any registration the API takes",
+                bytes.len()
+            ));
+        }
         let v: NodeValue = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        let service = Label::parse(&v.service).map_err(|e| format!("service {e}"))?;
+        let service = crate::registry::parse_service(&v.service)
+            .ok()
+            .filter(|l| l.as_str() == v.service)
+            .ok_or_else(|| format!("service {:?} is not a lower-case service name", v.service))?;
         Ok((
             NodeSpec {
                 addr: v.addr,
@@ -139,14 +159,17 @@ pub enum Relist {
     Compacted,
     Canceled,
     Resync,
+    /// The watch could not resume (a catch-up too large, or resumes that failed twice).
+    Stuck,
 }
 
 impl Relist {
-    pub const ALL: [Relist; 4] = [
+    pub const ALL: [Relist; 5] = [
         Relist::Start,
         Relist::Compacted,
         Relist::Canceled,
         Relist::Resync,
+        Relist::Stuck,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -154,14 +177,21 @@ impl Relist {
             Relist::Compacted => "compacted",
             Relist::Canceled => "canceled",
             Relist::Resync => "resync",
+            Relist::Stuck => "stuck",
         }
     }
 }
+
+/// Behind etcd for longer than this: `/readyz` answers 503.
+pub const BEHIND_NOT_READY: Duration = Duration::from_secs(5);
 
 /// The state of this server's link to etcd, for `/readyz`, `/metrics` and the logs.
 #[derive(Default)]
 pub struct Link {
     up: AtomicBool,
+    /// The link was up once, or its being down was logged (a server that never reaches etcd
+    /// says why once: a wrong CA, a refused user).
+    told: AtomicBool,
     /// The mirror has listed at least once since start.
     listed: AtomicBool,
     /// Last revision the mirror applied.
@@ -170,9 +200,21 @@ pub struct Link {
     pub seen: AtomicI64,
     /// Unix ms of the last successful contact.
     pub last_contact_ms: AtomicU64,
-    pub relists: [AtomicU64; 4],
+    pub relists: [AtomicU64; Relist::ALL.len()],
+    /// Keys and values under the prefix that are not registrations the API would take.
+    pub invalid_values: AtomicU64,
     pub repairs: AtomicU64,
     pub dropped_events: AtomicU64,
+    /// Unix ms when the copy was last known to hold everything etcd had (0: never).
+    caught_up_ms: AtomicU64,
+    /// The last revision the mirror passed on, and how many keys were under the prefix then.
+    sent: std::sync::Mutex<(i64, i64)>,
+    /// Set by the probe when it restarts a silent watch of a copy that stays behind.
+    pub stalled: AtomicBool,
+    /// Unix ms when the watch last passed events on (or a list completed).
+    pub last_events_ms: AtomicU64,
+    /// Watch response fragments received.
+    pub fragments: AtomicU64,
     pub client: std::sync::OnceLock<Arc<client::Client>>,
 }
 
@@ -183,11 +225,12 @@ impl Link {
 
     /// Records a contact outcome; logs a line only when the state changes.
     pub fn set_up(&self, up: bool, why: &str) {
-        if up {
-            self.last_contact_ms.store(crate::clock::unix_ms(), Relaxed);
-        }
-        if self.up.swap(up, Relaxed) != up {
-            if up {
+        let first_contact = up && self.last_contact_ms.swap(crate::clock::unix_ms(), Relaxed) == 0;
+        let told = self.told.swap(true, Relaxed);
+        if self.up.swap(up, Relaxed) != up || !told && !up {
+            if first_contact {
+                tracing::info!("etcd link up");
+            } else if up {
                 tracing::info!("etcd link up: writes accepted again");
             } else {
                 tracing::warn!(reason = %why, "etcd link down: DNS keeps answering the last known set; writes answer 503 until etcd is back");
@@ -197,6 +240,37 @@ impl Link {
 
     pub fn set_listed(&self) {
         self.listed.store(true, Relaxed);
+        self.set_caught_up();
+    }
+
+    pub fn set_caught_up(&self) {
+        self.caught_up_ms.store(crate::clock::unix_ms(), Relaxed);
+    }
+
+    /// How long since the copy was last known caught up (None before the first list).
+    pub fn behind(&self) -> Option<Duration> {
+        match self.caught_up_ms.load(Relaxed) {
+            0 => None,
+            t => Some(Duration::from_millis(
+                crate::clock::unix_ms().saturating_sub(t),
+            )),
+        }
+    }
+
+    pub fn set_sent(&self, revision: i64, keys: i64) {
+        *self.sent.lock().unwrap_or_else(|p| p.into_inner()) = (revision, keys);
+        self.last_events_ms.store(crate::clock::unix_ms(), Relaxed);
+    }
+
+    /// How long since the watch last passed events on (or a list completed).
+    pub fn silent(&self) -> Duration {
+        Duration::from_millis(
+            crate::clock::unix_ms().saturating_sub(self.last_events_ms.load(Relaxed)),
+        )
+    }
+
+    pub fn sent(&self) -> (i64, i64) {
+        *self.sent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn count_relist(&self, why: Relist) {
@@ -217,94 +291,101 @@ impl Link {
                     .into(),
             );
         }
+        if let Some(b) = self.behind().filter(|b| *b > BEHIND_NOT_READY) {
+            let lag = (self.seen.load(Relaxed) - self.applied.load(Relaxed)).max(0);
+            return Err(format!(
+                "not ready: this server's copy has been behind etcd for {:.0} s ({lag} revisions \
+                 behind at the last probe); DNS answers what it holds",
+                b.as_secs_f64()
+            ));
+        }
         Ok(())
     }
 
     /// Prometheus text for the link.
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        let _ = writeln!(
-            out,
-            "# HELP rollcall_etcd_up 1 while etcd answers this server."
-        );
-        let _ = writeln!(out, "# TYPE rollcall_etcd_up gauge");
-        let _ = writeln!(out, "rollcall_etcd_up {}", u8::from(self.is_up()));
-        let _ = writeln!(
-            out,
-            "# HELP rollcall_etcd_revision Last etcd revision applied to this server's copy."
-        );
-        let _ = writeln!(out, "# TYPE rollcall_etcd_revision gauge");
+    pub fn render(&self, out: &mut Exposition) {
+        out.gauge("rollcall_etcd_up", "1 while etcd answers this server.", u8::from(self.is_up()));
         let applied = self.applied.load(Relaxed);
-        let _ = writeln!(out, "rollcall_etcd_revision {applied}");
-        let _ = writeln!(out, "# HELP rollcall_etcd_mirror_lag_revisions Revisions etcd is ahead of this server's copy (last probe).");
-        let _ = writeln!(out, "# TYPE rollcall_etcd_mirror_lag_revisions gauge");
-        let lag = (self.seen.load(Relaxed) - applied).max(0);
-        let _ = writeln!(out, "rollcall_etcd_mirror_lag_revisions {lag}");
-        let _ = writeln!(
-            out,
-            "# HELP rollcall_etcd_last_contact_seconds Seconds since etcd last answered."
+        out.gauge(
+            "rollcall_etcd_revision",
+            "Last etcd revision applied to this server's copy.",
+            applied,
         );
-        let _ = writeln!(out, "# TYPE rollcall_etcd_last_contact_seconds gauge");
+        out.gauge(
+            "rollcall_etcd_mirror_lag_revisions",
+            "Revisions etcd is ahead of this server's copy (last probe).",
+            (self.seen.load(Relaxed) - applied).max(0),
+        );
+        out.gauge(
+            "rollcall_etcd_mirror_behind_seconds",
+            "Seconds since this server's copy was last known to hold everything etcd had (checked every second; -1 before the first list).",
+            self.behind().map_or(-1.0, |b| b.as_secs_f64()),
+        );
+        out.counter(
+            "rollcall_etcd_watch_fragments_total",
+            "Watch response fragments received (large responses cut by etcd).",
+            self.fragments.load(Relaxed),
+        );
         let last = self.last_contact_ms.load(Relaxed);
         let since = if last == 0 {
             -1.0
         } else {
             crate::clock::unix_ms().saturating_sub(last) as f64 / 1000.0
         };
-        let _ = writeln!(out, "rollcall_etcd_last_contact_seconds {since}");
-        let _ = writeln!(
-            out,
-            "# HELP rollcall_etcd_relists_total Full lists of the registrations, by reason."
+        out.gauge(
+            "rollcall_etcd_last_contact_seconds",
+            "Seconds since etcd last answered.",
+            since,
         );
-        let _ = writeln!(out, "# TYPE rollcall_etcd_relists_total counter");
+        let mut f = out.family(
+            "rollcall_etcd_relists_total",
+            Kind::Counter,
+            "Full lists of the registrations, by reason.",
+        );
         for (i, r) in Relist::ALL.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "rollcall_etcd_relists_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.relists[i].load(Relaxed)
-            );
+            f.sample(&[("reason", r.as_str())], self.relists[i].load(Relaxed));
         }
-        let _ = writeln!(out, "# HELP rollcall_etcd_resync_repairs_total Differences a verification list found and repaired.");
-        let _ = writeln!(out, "# TYPE rollcall_etcd_resync_repairs_total counter");
-        let _ = writeln!(
-            out,
-            "rollcall_etcd_resync_repairs_total {}",
-            self.repairs.load(Relaxed)
+        out.counter(
+            "rollcall_etcd_resync_repairs_total",
+            "Differences a verification list found and repaired.",
+            self.repairs.load(Relaxed),
         );
-        let _ = writeln!(out, "# HELP rollcall_etcd_dropped_events_total Watch events ignored (duplicates, old revisions, foreign keys).");
-        let _ = writeln!(out, "# TYPE rollcall_etcd_dropped_events_total counter");
-        let _ = writeln!(
-            out,
-            "rollcall_etcd_dropped_events_total {}",
-            self.dropped_events.load(Relaxed)
+        out.counter(
+            "rollcall_etcd_invalid_values_total",
+            "Keys or values under the prefix that are not registrations the API would take (counted once per key and revision); served by no server.",
+            self.invalid_values.load(Relaxed),
+        );
+        out.counter(
+            "rollcall_etcd_dropped_events_total",
+            "Watch events ignored (duplicates, old revisions, foreign keys).",
+            self.dropped_events.load(Relaxed),
         );
         if let Some(c) = self.client.get() {
-            let _ = writeln!(out, "# HELP rollcall_etcd_request_seconds etcd calls by operation (sum and count; errors separately).");
-            let _ = writeln!(out, "# TYPE rollcall_etcd_request_seconds summary");
+            let mut f = out.family(
+                "rollcall_etcd_request_seconds",
+                Kind::Summary,
+                "etcd calls by operation (sum and count; errors separately).",
+            );
             for (i, op) in client::OPS.iter().enumerate() {
                 let s = &c.stats[i];
-                let _ = writeln!(
-                    out,
-                    "rollcall_etcd_request_seconds_sum{{op=\"{op}\"}} {}",
-                    s.micros.load(Relaxed) as f64 / 1e6
-                );
-                let _ = writeln!(
-                    out,
-                    "rollcall_etcd_request_seconds_count{{op=\"{op}\"}} {}",
-                    s.count.load(Relaxed)
-                );
+                f.sum_count(&[("op", op)], s.micros.load(Relaxed) as f64 / 1e6, s.count.load(Relaxed));
             }
-            let _ = writeln!(out, "# TYPE rollcall_etcd_request_errors_total counter");
+            let mut f = out.family(
+                "rollcall_etcd_request_errors_total",
+                Kind::Counter,
+                "etcd calls that failed, by operation.",
+            );
             for (i, op) in client::OPS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "rollcall_etcd_request_errors_total{{op=\"{op}\"}} {}",
-                    c.stats[i].errors.load(Relaxed)
-                );
+                f.sample(&[("op", op)], c.stats[i].errors.load(Relaxed));
             }
         }
     }
 }
 
-pub use crate::client::chain;
+/// An error and its sources on one line; a TLS failure as a sentence naming the etcd flags.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    match crate::tls::find_rustls_error(e) {
+        Some(r) => crate::tls::etcd_sentence(r),
+        None => crate::client::chain(e),
+    }
+}

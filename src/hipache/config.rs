@@ -24,6 +24,8 @@ pub struct SyncConfig {
     /// Re-read the role at least this often (None: rely on blocking queries alone).
     pub interval: Option<Duration>,
     pub token: Option<String>,
+    /// TLS for https:// servers (None: every --api is http://).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 pub use crate::clock::parse_duration;
@@ -174,6 +176,8 @@ impl SyncConfig {
         let interval = (!interval.is_zero()).then_some(interval);
         let token = crate::config::read_token(a.client.token, a.client.token_file.as_ref())
             .map_err(|e| e.to_string())?;
+        let urls: Vec<&str> = role_urls.iter().map(Url::as_str).collect();
+        let tls = crate::client::tls_for(&a.client.tls.files(), &urls)?;
         Ok(SyncConfig {
             role_url,
             role_urls,
@@ -188,6 +192,7 @@ impl SyncConfig {
             port: a.port,
             interval,
             token,
+            tls,
         })
     }
 

@@ -74,7 +74,7 @@ pub async fn run(args: HipacheArgs) -> Result<u8, (u8, String)> {
 /// Runs until `cancel` fires; returns 0 then.
 pub async fn run_with(cfg: SyncConfig, cancel: CancellationToken) -> Result<u8, (u8, String)> {
     // Like every client subcommand: rollcall is reached directly, never through a proxy.
-    let http = crate::client::http(CONNECT_TIMEOUT, None)
+    let http = crate::client::http(CONNECT_TIMEOUT, None, cfg.tls.as_ref())
         .build()
         .map_err(|e| (1, format!("cannot set up the HTTP client: {}", chain(&e))))?;
     let client = redis::Client::open(cfg.redis.clone())
@@ -323,7 +323,7 @@ mod tests {
             ),
             (vec!["--frontend", "a", "--redis", "rediss://h"], "TLS"),
             (vec!["--frontend", "a", "--api", "nope"], "--api"),
-            (vec!["--frontend", "a", "--api", "https://x"], "--api"),
+            (vec!["--frontend", "a", "--api", "ftp://x"], "--api"),
             (vec!["--frontend", "a", "--role", "bad_role"], "--role"),
             (vec!["--frontend", "a", "--scheme", "ftp"], "--scheme"),
             (vec!["--frontend", "a", "--port", "0"], "--port"),

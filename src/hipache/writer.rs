@@ -171,23 +171,25 @@ impl Writer {
         let keys: Vec<String> = stale.iter().map(|h| cfg.list_key(h)).collect();
         let keys = keys.join(" ");
         let backends = list.len() - 1;
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let noun = if backends == 1 { "backend" } else { "backends" };
+        // Rounded to 10 µs: `ms=0.47` in the log, not `ms=0.47237100000000004`.
+        let ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
         match reason {
             Reason::Full => tracing::info!(
                 keys,
                 backends,
                 ms,
-                "wrote the full state: {backends} backends"
+                "wrote the full state: {backends} {noun}"
             ),
             Reason::Change => {
-                tracing::info!(keys, backends, ms, "role changed: {backends} backends")
+                tracing::info!(keys, backends, ms, "role changed: {backends} {noun}")
             }
             Reason::Repair => tracing::warn!(
                 keys,
                 backends,
                 ms,
                 "the list in redis differed from the role (redis restarted or flushed, or \
-                 someone edited it): restored {backends} backends"
+                 someone edited it): restored {backends} {noun}"
             ),
         }
         tracing::debug!(list = ?list, "written");

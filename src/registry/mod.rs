@@ -60,6 +60,10 @@ pub struct RoleView<'a> {
     pub changed: Vec<(&'a Label, Option<&'a NodeSpec>)>,
 }
 
+/// The check a registration read from etcd must pass to be served (the API's, for a `PUT`):
+/// `Err` says why not.
+pub type Validate = Arc<dyn Fn(&NodeKey, &NodeSpec) -> Result<(), String> + Send + Sync>;
+
 /// Limits the owner enforces.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -318,8 +322,12 @@ impl Registry {
 
     /// Starts the etcd owner and its mirror: etcd is the truth, `loaded` (the data dir's last
     /// copy) is served until the first list from etcd replaces it.
+    // `access` stays apart from `cfg` (EtcdConfig is built field by field in tests).
+    #[allow(clippy::too_many_arguments)]
     pub fn start_etcd(
         cfg: crate::etcd::EtcdConfig,
+        access: crate::etcd::client::Access,
+        validate: Validate,
         journal: Box<dyn Journal>,
         loaded: Loaded,
         publisher: Box<dyn Publish>,
@@ -329,11 +337,14 @@ impl Registry {
         let (tx, rx) = mpsc::channel(4096);
         let counters = Arc::new(RegistryCounters::default());
         let (table, view, index) = table::Table::new(publisher, 0);
-        let client = Arc::new(crate::etcd::client::Client::new(
+        let mut client = crate::etcd::client::Client::with_access(
             cfg.endpoints.clone(),
             cfg.timeout,
             cfg.dial_timeout,
-        ));
+            access,
+        );
+        client.watch_line_max = cfg.watch_line_max;
+        let client = Arc::new(client);
         let link = Arc::new(crate::etcd::Link::default());
         let _ = link.client.set(client.clone());
         let (mirror_tx, mirror_rx) = mpsc::channel(1024);
@@ -348,6 +359,7 @@ impl Registry {
         let parts = etcd::Parts {
             client,
             cfg,
+            validate,
             link: link.clone(),
             mirror: mirror_rx,
             journal,
@@ -447,10 +459,10 @@ impl Registry {
         Ok(self.view.load_full())
     }
 
-    /// The generation index and the node count of every non-empty role, after every command
-    /// this handle's clones sent before.
-    pub async fn roles(&self) -> Result<(u64, Vec<(Label, usize)>), RegistryError> {
-        self.call(|reply| Command::Barrier { reply }).await?;
+    /// The generation index and the node count of every non-empty role, from the published
+    /// view: never waits for the owner (a write is published before it is answered, so a
+    /// client sees its own acknowledged writes here).
+    pub fn roles(&self) -> Result<(u64, Vec<(Label, usize)>), RegistryError> {
         let view = self.view()?;
         Ok((view.index, view.role_counts()))
     }
@@ -546,7 +558,12 @@ impl Registry {
                 Err(_) => break,
             }
         }
-        self.roles().await
+        self.roles()
+    }
+
+    /// Returns once the owner has handled every command this handle's clones sent before.
+    pub async fn barrier(&self) -> Result<(), RegistryError> {
+        self.call(|reply| Command::Barrier { reply }).await
     }
 
     /// The current generation index, without asking the owner.

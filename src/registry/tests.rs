@@ -76,7 +76,7 @@ async fn register_publishes_and_bumps_index() {
     assert_eq!(role.index, 2);
     assert_eq!(role.nodes.len(), 2);
     assert_eq!(
-        reg.roles().await.unwrap(),
+        reg.roles().unwrap(),
         (2, vec![(Label::parse("app").unwrap(), 2)])
     );
 }
@@ -182,7 +182,7 @@ async fn delete_reports_whether_the_node_existed() {
         role.index, 2,
         "an emptied role keeps its index for blocking queries"
     );
-    assert!(reg.roles().await.unwrap().1.is_empty());
+    assert!(reg.roles().unwrap().1.is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -37,6 +37,8 @@ struct Writer {
     /// The current batch changed a registration: fsync before replying.
     durable: bool,
     last_rewrite: Option<Instant>,
+    /// What the last failed write or rewrite of the data dir said.
+    last_error: String,
 }
 
 /// A reply held until the batch is durable.
@@ -88,6 +90,7 @@ pub(super) fn spawn(
         counters,
         durable: false,
         last_rewrite: None,
+        last_error: String::new(),
     };
     writer.restore(loaded.nodes);
     tokio::spawn(writer.run(rx, shutdown))
@@ -195,6 +198,7 @@ impl Writer {
                 Err(e) => {
                     RegistryCounters::inc(&self.counters.storage_failures);
                     tracing::error!(error = %e, "could not write the data dir: answering 503 until a rewrite of the live set succeeds");
+                    self.last_error = e.to_string();
                 }
             }
         }
@@ -209,9 +213,10 @@ impl Writer {
             );
             return Ok(());
         }
-        Err(RegistryError::Storage(
-            "the data dir cannot be written (disk full or failing?): nothing of this request was stored; retry later".into(),
-        ))
+        // Not "nothing was stored": the batch's records may have reached the log before the
+        // failed sync, and the next successful rewrite stores the live set, this request's
+        // change included.
+        Err(RegistryError::Storage(self.last_error.clone()))
     }
 
     /// Rewrites the journal from the live set; true on success.
@@ -238,6 +243,7 @@ impl Writer {
             Err(e) => {
                 RegistryCounters::inc(&self.counters.storage_failures);
                 tracing::error!(error = %e, "could not rewrite the data dir");
+                self.last_error = e.to_string();
                 false
             }
         }

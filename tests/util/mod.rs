@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod netns;
 pub mod nsd;
 pub mod process;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
