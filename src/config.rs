@@ -406,7 +406,10 @@ fn parse_etcd_access(
     } else {
         None
     };
-    let password = match (&a.etcd_password_file, std::env::var("ROLLCALL_ETCD_PASSWORD")) {
+    let password = match (
+        &a.etcd_password_file,
+        std::env::var("ROLLCALL_ETCD_PASSWORD"),
+    ) {
         (Some(path), _) => Some(
             std::fs::read_to_string(path)
                 .map_err(|e| err(format!("--etcd-password-file {}: {e}", path.display())))?

@@ -362,7 +362,13 @@ impl Family<'_> {
         self
     }
 
-    fn suffixed(&mut self, name: &str, suffix: &str, labels: &[(&str, &str)], v: impl std::fmt::Display) {
+    fn suffixed(
+        &mut self,
+        name: &str,
+        suffix: &str,
+        labels: &[(&str, &str)],
+        v: impl std::fmt::Display,
+    ) {
         let _ = write!(self.out, "{name}{suffix}");
         if !labels.is_empty() {
             self.out.push('{');
@@ -424,11 +430,18 @@ pub struct Live<'a> {
 /// Renders the DNS, registry, API and process families (the `/metrics` handler adds etcd's).
 pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &Live) -> Exposition {
     let mut out = Exposition::new();
-    out.family("rollcall_build_info", Kind::Gauge, "Version of the running rollcall.")
-        .sample(
-            &[("version", env!("CARGO_PKG_VERSION")), ("revision", env!("ROLLCALL_GIT_REV"))],
-            1,
-        );
+    out.family(
+        "rollcall_build_info",
+        Kind::Gauge,
+        "Version of the running rollcall.",
+    )
+    .sample(
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("revision", env!("ROLLCALL_GIT_REV")),
+        ],
+        1,
+    );
 
     let udp = dns.udp.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let per_transport = [
@@ -472,7 +485,11 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
     );
 
     let events = [
-        ("rollcall_registrations_total", "New registrations.", &reg.registrations),
+        (
+            "rollcall_registrations_total",
+            "New registrations.",
+            &reg.registrations,
+        ),
         (
             "rollcall_renewals_total",
             "Lease renewals (PUT of an unchanged node, session heartbeats).",
@@ -483,14 +500,26 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
             "Deregistrations (DELETE, closed sessions).",
             &reg.deregistrations,
         ),
-        ("rollcall_expiries_total", "Leases that ran out.", &reg.expiries),
-        ("rollcall_session_opens_total", "Sessions opened.", &reg.session_opens),
+        (
+            "rollcall_expiries_total",
+            "Leases that ran out.",
+            &reg.expiries,
+        ),
+        (
+            "rollcall_session_opens_total",
+            "Sessions opened.",
+            &reg.session_opens,
+        ),
         (
             "rollcall_session_closes_total",
             "Sessions whose connection closed while holding a node.",
             &reg.session_closes,
         ),
-        ("rollcall_snapshot_publishes_total", "DNS snapshots published.", &reg.publishes),
+        (
+            "rollcall_snapshot_publishes_total",
+            "DNS snapshots published.",
+            &reg.publishes,
+        ),
         (
             "rollcall_changes_total",
             "PUTs that changed a registered node (address, port, service, ttl, weight, meta).",
@@ -510,7 +539,11 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
     for (name, help, c) in events {
         out.counter(name, help, c.load(Relaxed));
     }
-    out.gauge("rollcall_index", "Generation index of the registry.", live.index);
+    out.gauge(
+        "rollcall_index",
+        "Generation index of the registry.",
+        live.index,
+    );
     let mut f = out.family("rollcall_nodes", Kind::Gauge, "Live nodes per role.");
     for (role, n) in live.roles {
         f.sample(&[("role", role)], n);
@@ -529,7 +562,12 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
     for ((method, route, status, blocking), h) in map {
         let (status, blocking) = (status.to_string(), blocking.to_string());
         f.histogram(
-            &[("method", &method), ("route", &route), ("status", &status), ("blocking", &blocking)],
+            &[
+                ("method", &method),
+                ("route", &route),
+                ("status", &status),
+                ("blocking", &blocking),
+            ],
             &h,
         );
     }
@@ -553,7 +591,11 @@ pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &L
         live.blocking_queries,
     );
     if let Some(cell) = dns.snapshot.get() {
-        let mut f = out.family("rollcall_soa_serial", Kind::Gauge, "SOA serial of each served zone.");
+        let mut f = out.family(
+            "rollcall_soa_serial",
+            Kind::Gauge,
+            "SOA serial of each served zone.",
+        );
         for z in &cell.load().zones {
             f.sample(&[("zone", &z.apex_name.to_string())], z.serial);
         }
@@ -607,15 +649,15 @@ fn process_metrics(out: &mut Exposition) {
         // rest[0] is field 3 (state): utime 14, stime 15, starttime 22, vsize 23, rss 24.
         let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<f64>().ok());
         if let (Some(u), Some(s)) = (field(14), field(15)) {
-            out.family("process_cpu_seconds_total", Kind::Counter, "User and system CPU time.")
-                .sample(&[], (u + s) / tck);
+            out.family(
+                "process_cpu_seconds_total",
+                Kind::Counter,
+                "User and system CPU time.",
+            )
+            .sample(&[], (u + s) / tck);
         }
         if let Some(v) = field(23) {
-            out.gauge(
-                "process_virtual_memory_bytes",
-                "Virtual memory size.",
-                v,
-            );
+            out.gauge("process_virtual_memory_bytes", "Virtual memory size.", v);
         }
         if let Some(r) = field(24) {
             out.gauge(

@@ -185,14 +185,13 @@ impl FetchError {
 async fn fetch<T: serde::de::DeserializeOwned>(
     req: reqwest::RequestBuilder,
 ) -> Result<T, FetchError> {
-    let resp = req
-        .timeout(Duration::from_secs(90))
-        .send()
-        .await
-        .map_err(|e| match crate::tls::explain(&e) {
-            Some(sentence) => FetchError::Tls(sentence),
-            None => FetchError::Unreachable(crate::client::chain(&e)),
-        })?;
+    let resp =
+        req.timeout(Duration::from_secs(90)).send().await.map_err(
+            |e| match crate::tls::explain(&e) {
+                Some(sentence) => FetchError::Tls(sentence),
+                None => FetchError::Unreachable(crate::client::chain(&e)),
+            },
+        )?;
     let status = resp.status();
     if !status.is_success() {
         let msg = crate::client::error_message(&resp.text().await.unwrap_or_default());

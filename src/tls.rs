@@ -238,7 +238,10 @@ pub fn etcd_client_config(
 pub fn etcd_sentence(e: &rustls::Error) -> String {
     sentence(e)
         .replace("--ca-file", "--etcd-cacert")
-        .replace("--client-cert and --client-key", "--etcd-cert and --etcd-key")
+        .replace(
+            "--client-cert and --client-key",
+            "--etcd-cert and --etcd-key",
+        )
         .replace("the server's --tls-client-ca", "etcd's --trusted-ca-file")
         .replace(
             "use http:// for a plain-HTTP server, or start it with --tls-cert and --tls-key",
@@ -366,7 +369,10 @@ mod tests {
     fn etcd_sentences_name_the_etcd_flags() {
         use rustls::CertificateError as C;
         let s = etcd_sentence(&rustls::Error::InvalidCertificate(C::UnknownIssuer));
-        assert!(s.contains("--etcd-cacert") && !s.contains("--ca-file"), "{s}");
+        assert!(
+            s.contains("--etcd-cacert") && !s.contains("--ca-file"),
+            "{s}"
+        );
         let s = etcd_sentence(&rustls::Error::AlertReceived(
             rustls::AlertDescription::CertificateRequired,
         ));

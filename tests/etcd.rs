@@ -1483,7 +1483,11 @@ fn wait_reason(s: &ServeProc, needle: &str) -> String {
         }
         false
     });
-    assert!(found, "no {needle:?} in /readyz or the log; /readyz: {:?}", readyz(s));
+    assert!(
+        found,
+        "no {needle:?} in /readyz or the log; /readyz: {:?}",
+        readyz(s)
+    );
     seen
 }
 
@@ -1630,7 +1634,12 @@ fn a_wrong_ca_or_scheme_towards_etcd_is_told_as_a_sentence() {
         dir.path(),
         "plain",
         &plain,
-        &["--etcd-user", "rollcall", "--etcd-password-file", pw.to_str().unwrap()],
+        &[
+            "--etcd-user",
+            "rollcall",
+            "--etcd-password-file",
+            pw.to_str().unwrap(),
+        ],
     );
     wait_reason(&s, "use https:// in --etcd");
     drop(s);
@@ -1642,9 +1651,18 @@ fn a_wrong_ca_or_scheme_towards_etcd_is_told_as_a_sentence() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--etcd-cert is given without --etcd-key"), "{err}");
+    assert!(
+        err.contains("--etcd-cert is given without --etcd-key"),
+        "{err}"
+    );
     let out = Command::new(rollcall_bin())
-        .args(["serve", "--etcd", &etcd.endpoints(), "--etcd-user", "rollcall"])
+        .args([
+            "serve",
+            "--etcd",
+            &etcd.endpoints(),
+            "--etcd-user",
+            "rollcall",
+        ])
         .env_remove("ROLLCALL_ETCD_PASSWORD")
         .output()
         .unwrap();

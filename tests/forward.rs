@@ -54,7 +54,9 @@ fn tcp_from(source: &str, server: SocketAddr, name: &str) -> Message {
     sock.bind(&src.into()).unwrap();
     sock.connect(&server.into()).unwrap();
     let mut stream: std::net::TcpStream = sock.into();
-    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     let q = query_msg(name, RecordType::A, None);
     let mut framed = (q.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(&q);
@@ -177,16 +179,28 @@ impl Dnsmasq {
 
     /// dnsmasq with only `extra` options (no local answers), not waited for.
     fn start_on_raw(port: u16, extra: &[&str]) -> KillOnDrop {
-        KillOnDrop(Command::new(require("dnsmasq"))
-            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
-            .args(["--listen-address", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--conf-file=/dev/null", "--user=root", "--pid-file=", "--cache-size=0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting dnsmasq"))
+        KillOnDrop(
+            Command::new(require("dnsmasq"))
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                ])
+                .args(["--listen-address", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--conf-file=/dev/null",
+                    "--user=root",
+                    "--pid-file=",
+                    "--cache-size=0",
+                ])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting dnsmasq"),
+        )
     }
 
     fn start(answer: &str) -> Dnsmasq {
@@ -280,8 +294,11 @@ fn forwarded_answers_rules_acl_and_cache() {
     let own = ask(s.dns, "ns.cluster.").unwrap();
     assert!(own.metadata.authoritative);
     assert!(own.metadata.recursion_available, "RA over UDP");
-    let own_tcp =
-        Message::from_vec(&tcp_raw(s.dns, &query_msg("ns.cluster.", RecordType::A, None))).unwrap();
+    let own_tcp = Message::from_vec(&tcp_raw(
+        s.dns,
+        &query_msg("ns.cluster.", RecordType::A, None),
+    ))
+    .unwrap();
     assert!(own_tcp.metadata.authoritative);
     assert!(own_tcp.metadata.recursion_available, "RA over TCP");
 
@@ -314,7 +331,10 @@ fn forwarded_answers_rules_acl_and_cache() {
     assert_eq!(tcp_refused.metadata.response_code, ResponseCode::Refused);
     assert!(!tcp_refused.metadata.recursion_available);
     assert_eq!(dm.saw("acl-tcp.other.test"), 0);
-    assert_eq!(metric(&s.api(), "rollcall_forward_refused_total"), refused_before + 1.0);
+    assert_eq!(
+        metric(&s.api(), "rollcall_forward_refused_total"),
+        refused_before + 1.0
+    );
     let tcp_own = tcp_from("127.0.0.3", s.dns, "ns.cluster.");
     assert_eq!(tcp_own.metadata.response_code, ResponseCode::NoError);
     assert!(!tcp_own.metadata.recursion_available);
@@ -737,7 +757,9 @@ impl HostileUpstream {
                     if conn.read_exact(&mut buf).is_err() {
                         return;
                     }
-                    let Ok(q) = Message::from_vec(&buf) else { return };
+                    let Ok(q) = Message::from_vec(&buf) else {
+                        return;
+                    };
                     let name = q.queries[0].name().to_ascii();
                     log.lock().unwrap().push(format!("tcp {name}"));
                     let first = name.split('.').next().unwrap_or("").to_ascii_lowercase();
@@ -776,12 +798,14 @@ impl HostileUpstream {
             r.add_answer(hickory_proto::rr::Record::from_rdata(
                 question.name().clone(),
                 60,
-                RData::A(std::net::Ipv4Addr::from(if many.is_some() {
-                    0x0a00_0000 + i
-                } else {
-                    0xc000_0201
-                })
-                .into()),
+                RData::A(
+                    std::net::Ipv4Addr::from(if many.is_some() {
+                        0x0a00_0000 + i
+                    } else {
+                        0xc000_0201
+                    })
+                    .into(),
+                ),
             ));
         }
         r.to_vec().unwrap()
@@ -830,7 +854,12 @@ fn the_cache_is_bounded_in_bytes_and_big_answers_pass_whole() {
     ))
     .unwrap();
     assert!(!big.metadata.truncation, "TC over TCP");
-    assert_eq!(big.metadata.response_code, ResponseCode::NoError, "{:?}", big.metadata);
+    assert_eq!(
+        big.metadata.response_code,
+        ResponseCode::NoError,
+        "{:?}",
+        big.metadata
+    );
     assert_eq!(big.answers.len(), 1500);
     // Over UDP the client gets TC (header and question only).
     let udp_big = ask(s.dns, "many1500-whole.evil.test.").unwrap();
@@ -854,8 +883,14 @@ fn the_cache_is_bounded_in_bytes_and_big_answers_pass_whole() {
     }
     let grew_mib = rss_kib(pid).saturating_sub(before) / 1024;
     let cached = metric(&s.api(), "rollcall_forward_cache_bytes");
-    assert!(cached <= 1024.0 * 1024.0, "the cache holds {cached} bytes, over its 1 MiB");
-    assert!(cached >= 512.0 * 1024.0, "the cache holds only {cached} bytes");
+    assert!(
+        cached <= 1024.0 * 1024.0,
+        "the cache holds {cached} bytes, over its 1 MiB"
+    );
+    assert!(
+        cached >= 512.0 * 1024.0,
+        "the cache holds only {cached} bytes"
+    );
     assert!(grew_mib < 64, "the server grew {grew_mib} MiB");
     // A cached 8 KiB answer is served from the cache (not asked again).
     let again = up.seen("many200-y399").len();
@@ -865,7 +900,11 @@ fn the_cache_is_bounded_in_bytes_and_big_answers_pass_whole() {
     ))
     .unwrap();
     assert_eq!(r.answers.len(), 200);
-    assert_eq!(up.seen("many200-y399").len(), again, "the cached answer was asked again");
+    assert_eq!(
+        up.seen("many200-y399").len(),
+        again,
+        "the cached answer was asked again"
+    );
 }
 
 /// Red team round 3, 1.5: 300 identical queries in flight made 300 upstream queries, and the
@@ -885,11 +924,17 @@ fn identical_questions_in_flight_are_asked_once_with_random_letter_case() {
         .collect();
     let answers: Vec<_> = clients.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(
-        answers.iter().all(|a| a.as_ref().is_some_and(|m| addrs(m) == ["192.0.2.1"])),
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_some_and(|m| addrs(m) == ["192.0.2.1"])),
         "{answers:?}"
     );
     let asked = up.seen("delay400-same");
-    assert!(asked.len() <= 2, "asked upstream {} times: {asked:?}", asked.len());
+    assert!(
+        asked.len() <= 2,
+        "asked upstream {} times: {asked:?}",
+        asked.len()
+    );
     assert!(metric(&s.api(), "rollcall_forward_coalesced_total") >= 40.0);
 
     // 0x20: across 20 names of 26 letters, the case the upstream sees varies.
@@ -897,9 +942,16 @@ fn identical_questions_in_flight_are_asked_once_with_random_letter_case() {
     for i in 0..20 {
         let n = format!("abcdefghijklmnopqrstuvwxyz{i}.test.");
         assert!(ask(s.dns, &n).is_some());
-        upper += up.seen(&n[..28]).iter().filter(|q| q.chars().any(|c| c.is_ascii_uppercase())).count();
+        upper += up
+            .seen(&n[..28])
+            .iter()
+            .filter(|q| q.chars().any(|c| c.is_ascii_uppercase()))
+            .count();
     }
-    assert!(upper >= 15, "only {upper} of 20 questions went out with upper-case letters");
+    assert!(
+        upper >= 15,
+        "only {upper} of 20 questions went out with upper-case letters"
+    );
     // An upstream that drops the case is still usable (asked again without it).
     let m = ask(s.dns, "lower-caps.test.").unwrap();
     assert_eq!(addrs(&m), ["192.0.2.1"]);
@@ -915,16 +967,29 @@ fn forwarded_answers_are_rate_limited_and_one_client_cannot_take_every_slot() {
     let rule = up.addr.to_string();
     let s = serve(
         dir.path(),
-        &["--forward", &rule, "--rate-limit", "50", "--rate-limit-exempt", "none"],
+        &[
+            "--forward",
+            &rule,
+            "--rate-limit",
+            "50",
+            "--rate-limit-exempt",
+            "none",
+        ],
     );
     assert!(ask(s.dns, "amp.test.").is_some());
     // 600 queries in about a second from one source: cached and uncached forwarded names.
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let started = Instant::now();
     for i in 0..600u32 {
-        let name = if i % 2 == 0 { "amp.test.".to_string() } else { format!("amp{i}.test.") };
-        sock.send_to(&query_msg(&name, RecordType::A, Some(1232)), s.dns).unwrap();
+        let name = if i % 2 == 0 {
+            "amp.test.".to_string()
+        } else {
+            format!("amp{i}.test.")
+        };
+        sock.send_to(&query_msg(&name, RecordType::A, Some(1232)), s.dns)
+            .unwrap();
         std::thread::sleep(Duration::from_micros(1500));
     }
     let mut full = 0;
@@ -973,11 +1038,16 @@ fn forwarded_answers_are_rate_limited_and_one_client_cannot_take_every_slot() {
     std::thread::sleep(Duration::from_millis(100));
     // ...while a client of another /24 is answered.
     let other = ask_from("127.0.1.1", s.dns, "other-client.test.", RecordType::A);
-    assert_eq!(other.as_ref().map(addrs), Some(vec!["192.0.2.1".to_string()]));
+    assert_eq!(
+        other.as_ref().map(addrs),
+        Some(vec!["192.0.2.1".to_string()])
+    );
     let results: Vec<_> = holes.into_iter().map(|t| t.join().unwrap()).collect();
     let fast = results
         .iter()
-        .filter(|(r, took)| *r == Some(ResponseCode::ServFail) && *took < Duration::from_millis(500))
+        .filter(|(r, took)| {
+            *r == Some(ResponseCode::ServFail) && *took < Duration::from_millis(500)
+        })
         .count();
     assert!(fast >= 20, "{results:?}");
     assert!(metric(&s.api(), "rollcall_forward_client_limited_total") >= 20.0);
@@ -991,29 +1061,61 @@ fn loop_probes_cannot_be_replayed_and_late_loops_are_found() {
     let dir = tempfile::tempdir().unwrap();
     let rule = up.addr.to_string();
     let s = serve(dir.path(), &["--forward", &rule]);
-    let probe = util::eventually(Duration::from_secs(3), || !up.seen("rollcall-loop-check").is_empty());
+    let probe = util::eventually(Duration::from_secs(3), || {
+        !up.seen("rollcall-loop-check").is_empty()
+    });
     assert!(probe, "no loop probe was sent at start");
     let name = up.seen("rollcall-loop-check")[0].clone();
     std::thread::sleep(Duration::from_millis(5500));
-    assert_eq!(rcode(&ask_from("127.0.0.1", s.dns, &name, RecordType::TXT)), Some(ResponseCode::Refused));
+    assert_eq!(
+        rcode(&ask_from("127.0.0.1", s.dns, &name, RecordType::TXT)),
+        Some(ResponseCode::Refused)
+    );
     let series = format!("rollcall_forward_upstream_up{{upstream=\"{}\"}}", up.addr);
-    assert_eq!(metric(&s.api(), &series), 1.0, "a replayed probe disabled the upstream");
-    assert_eq!(addrs(&ask(s.dns, "after-replay.test.").unwrap()), ["192.0.2.1"]);
+    assert_eq!(
+        metric(&s.api(), &series),
+        1.0,
+        "a replayed probe disabled the upstream"
+    );
+    assert_eq!(
+        addrs(&ask(s.dns, "after-replay.test.").unwrap()),
+        ["192.0.2.1"]
+    );
 
     // A loop formed after start: rollcall forwards to a port where dnsmasq starts later,
     // forwarding everything back to rollcall.
     let dir2 = tempfile::tempdir().unwrap();
     let dm_port = free_udp_port();
     let rule = format!("127.0.0.1:{dm_port}");
-    let looper = serve(dir2.path(), &["--forward", &rule, "--forward-timeout", "500ms", "--forward-budget", "500ms"]);
+    let looper = serve(
+        dir2.path(),
+        &[
+            "--forward",
+            &rule,
+            "--forward-timeout",
+            "500ms",
+            "--forward-budget",
+            "500ms",
+        ],
+    );
     std::thread::sleep(Duration::from_millis(1500));
-    let _dm = Dnsmasq::start_on_raw(dm_port, &[&format!("--server=127.0.0.1#{}", looper.dns.port())]);
+    let _dm = Dnsmasq::start_on_raw(
+        dm_port,
+        &[&format!("--server=127.0.0.1#{}", looper.dns.port())],
+    );
     let found = util::eventually(Duration::from_secs(10), || {
         let _ = ask(looper.dns, "late-loop.test.");
         metric(&looper.api(), "rollcall_forward_loops_detected_total") >= 1.0
     });
     assert!(found, "a loop formed after start was not found");
     let t = Instant::now();
-    assert_eq!(rcode(&ask(looper.dns, "x.late-loop.test.")), Some(ResponseCode::ServFail));
-    assert!(t.elapsed() < Duration::from_millis(300), "took {:?}", t.elapsed());
+    assert_eq!(
+        rcode(&ask(looper.dns, "x.late-loop.test.")),
+        Some(ResponseCode::ServFail)
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "took {:?}",
+        t.elapsed()
+    );
 }

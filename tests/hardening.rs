@@ -460,7 +460,13 @@ fn default_rate_limit_never_holds_back_the_served_network() {
             std::process::Command::new(require("ip"))
                 .args(["netns", "exec", &ns.name])
                 .arg(rollcall_bin())
-                .args(["serve", "--dns-listen", "0.0.0.0:1053", "--http-listen", "127.0.0.1:18053"])
+                .args([
+                    "serve",
+                    "--dns-listen",
+                    "0.0.0.0:1053",
+                    "--http-listen",
+                    "127.0.0.1:18053",
+                ])
                 .args(["--data-dir", ""])
                 .arg("--zones")
                 .arg(&zones)
@@ -471,7 +477,8 @@ fn default_rate_limit_never_holds_back_the_served_network() {
                 .expect("starting rollcall in the namespace"),
         );
         let sock = std::net::UdpSocket::bind(format!("{}:0", ns.host_ip)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let q = query_msg("cluster.", RecordType::SOA, Some(1232));
         let mut buf = [0u8; 4096];
         let up = eventually(Duration::from_secs(10), || {
@@ -508,7 +515,14 @@ fn default_rate_limit_never_holds_back_the_served_network() {
         (full, truncated)
     };
     let (full, truncated) = run(&[]);
-    assert_eq!((full, truncated), (900, 0), "the default held back the served network's queries");
+    assert_eq!(
+        (full, truncated),
+        (900, 0),
+        "the default held back the served network's queries"
+    );
     let (full, _) = run(&["--rate-limit-exempt", "none"]);
-    assert!(full < 800, "with no exemption 300 q/s should be limited: {full} full answers");
+    assert!(
+        full < 800,
+        "with no exemption 300 q/s should be limited: {full} full answers"
+    );
 }

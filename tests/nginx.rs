@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use util::netns::{ip, NetNs};
 use util::process::{alive, children_of, cmdline, kill, wait_exit, Killed};
 use util::{api_nodes, dns_a, echo_lines, eventually, require, rollcall_bin, ServeProc};
-use util::netns::{ip, NetNs};
 
 const ROLE: &str = "appserver";
 

@@ -172,9 +172,21 @@ fn prometheus_scrapes_the_registered_nodes_it_discovers() {
         assert_eq!(r.status(), 200, "{}", r.text().unwrap());
     };
     // Two nodes of `metrics` are this server's own API (it has /metrics); `db` is another role.
-    put("metrics", "m1", format!(r#"{{"addr":"127.0.0.1","port":{port},"ttl":600,"meta":{{"zone-name":"a"}}}}"#));
-    put("metrics", "m2", format!(r#"{{"addr":"127.0.0.1","port":{port},"ttl":600}}"#));
-    put("db", "d1", r#"{"addr":"10.0.0.9","port":5432,"ttl":600,"service":"pg"}"#.into());
+    put(
+        "metrics",
+        "m1",
+        format!(r#"{{"addr":"127.0.0.1","port":{port},"ttl":600,"meta":{{"zone-name":"a"}}}}"#),
+    );
+    put(
+        "metrics",
+        "m2",
+        format!(r#"{{"addr":"127.0.0.1","port":{port},"ttl":600}}"#),
+    );
+    put(
+        "db",
+        "d1",
+        r#"{"addr":"10.0.0.9","port":5432,"ttl":600,"service":"pg"}"#.into(),
+    );
     let all: serde_json::Value = http()
         .get(format!("{api}/v1/sd/prometheus"))
         .send()
@@ -195,11 +207,18 @@ fn prometheus_scrapes_the_registered_nodes_it_discovers() {
             "__meta_rollcall_service": "pg", "__meta_rollcall_weight": "1",
             "__meta_rollcall_session": "false"}}])
     );
-    let bad = http().get(format!("{api}/v1/sd/prometheus?role=no_such")).send().unwrap();
+    let bad = http()
+        .get(format!("{api}/v1/sd/prometheus?role=no_such"))
+        .send()
+        .unwrap();
     assert_eq!(bad.status(), 400);
 
     // A real Prometheus, discovering `metrics` every second.
-    let prom_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let prom_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,
@@ -211,7 +230,10 @@ fn prometheus_scrapes_the_registered_nodes_it_discovers() {
     let mut prom = ChildGuard(
         Command::new(require("prometheus"))
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -221,25 +243,39 @@ fn prometheus_scrapes_the_registered_nodes_it_discovers() {
     let targets = |want_up: usize| -> Vec<serde_json::Value> {
         let mut last = Vec::new();
         let ok = eventually(std::time::Duration::from_secs(30), || {
-            let Ok(r) = http().get(format!("http://127.0.0.1:{prom_port}/api/v1/targets")).send() else {
+            let Ok(r) = http()
+                .get(format!("http://127.0.0.1:{prom_port}/api/v1/targets"))
+                .send()
+            else {
                 return false;
             };
-            let Ok(v) = r.json::<serde_json::Value>() else { return false };
-            last = v["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
+            let Ok(v) = r.json::<serde_json::Value>() else {
+                return false;
+            };
+            last = v["data"]["activeTargets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             last.len() == want_up && last.iter().all(|t| t["health"] == "up")
         });
         assert!(ok, "prometheus targets: {last:#?}");
         last
     };
     let up = targets(2);
-    let mut nodes: Vec<String> = up.iter().map(|t| t["labels"]["node"].as_str().unwrap().to_string()).collect();
+    let mut nodes: Vec<String> = up
+        .iter()
+        .map(|t| t["labels"]["node"].as_str().unwrap().to_string())
+        .collect();
     nodes.sort();
     assert_eq!(nodes, ["m1", "m2"]);
     let m1 = up.iter().find(|t| t["labels"]["node"] == "m1").unwrap();
     assert_eq!(m1["labels"]["zone_name"], "a", "meta keys are labels");
     assert_eq!(m1["scrapeUrl"], format!("http://127.0.0.1:{port}/metrics"));
     // Deregistered: gone from Prometheus's targets.
-    let r = http().delete(format!("{api}/v1/roles/metrics/nodes/m2")).send().unwrap();
+    let r = http()
+        .delete(format!("{api}/v1/roles/metrics/nodes/m2"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 204);
     let left = targets(1);
     assert_eq!(left[0]["labels"]["node"], "m1");

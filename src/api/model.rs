@@ -132,7 +132,13 @@ impl SdTargetGroup {
         for (k, v) in &n.spec.meta {
             let key: String = k
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             labels.insert(format!("__meta_rollcall_meta_{key}"), v.clone());
         }

@@ -132,11 +132,7 @@ fn default_route_interfaces() -> Vec<String> {
         for line in s.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             // dest prefixlen src srclen nexthop metric refcnt use flags iface
-            if f.len() == 10
-                && f[0].bytes().all(|b| b == b'0')
-                && f[1] == "00"
-                && f[9] != "lo"
-            {
+            if f.len() == 10 && f[0].bytes().all(|b| b == b'0') && f[1] == "00" && f[9] != "lo" {
                 out.push(f[9].to_string());
             }
         }
@@ -202,7 +198,10 @@ mod tests {
         assert!(only.allows(ip("::ffff:10.1.2.3")));
         assert!(!only.allows(ip("192.0.2.1")));
         assert!(!only.allows(ip("fd00::1")));
-        let v6 = Acl::only(vec!["fd00::/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+        let v6 = Acl::only(vec![
+            "fd00::/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ]);
         assert!(v6.allows(ip("fd12::7")) && v6.allows(ip("::1")));
         assert!(!v6.allows(ip("fe80::1")) && !v6.allows(ip("10.0.0.1")));
         assert!(!Acl::nobody().allows(ip("127.0.0.1")));
@@ -213,20 +212,28 @@ mod tests {
     #[test]
     fn the_trusted_default_is_loopback_and_private_never_link_local_or_public() {
         let nets = trusted_local_networks();
-        assert!(nets.iter().any(|n| n.contains(&"127.0.0.1".parse::<IpAddr>().unwrap())));
+        assert!(nets
+            .iter()
+            .any(|n| n.contains(&"127.0.0.1".parse::<IpAddr>().unwrap())));
         for n in &nets {
             let link_local = match n {
                 IpNet::V4(n) => n.addr().is_link_local(),
                 IpNet::V6(n) => (n.addr().segments()[0] & 0xffc0) == 0xfe80,
             };
             assert!(!link_local, "{n} is link-local");
-            assert!(n.addr().is_loopback() || is_private(n), "{n} is neither loopback nor private");
+            assert!(
+                n.addr().is_loopback() || is_private(n),
+                "{n} is neither loopback nor private"
+            );
         }
         // The networks of the interface with the default route are left out.
         let defaults = default_route_interfaces();
         for (iface, net) in interface_networks() {
             if defaults.contains(&iface) && !net.addr().is_loopback() {
-                assert!(!nets.contains(&net), "{net} of {iface} (default route) is trusted");
+                assert!(
+                    !nets.contains(&net),
+                    "{net} of {iface} (default route) is trusted"
+                );
             }
         }
     }

@@ -41,8 +41,8 @@ impl Policy {
             Some(ip) => self.allow_query.allows(ip),
             None => self.allow_query.is_everyone(),
         };
-        let may_recurse = may_query
-            && ip.is_some_and(|ip| self.forward.as_ref().is_some_and(|f| f.allowed(ip)));
+        let may_recurse =
+            may_query && ip.is_some_and(|ip| self.forward.as_ref().is_some_and(|f| f.allowed(ip)));
         Client {
             may_query,
             may_recurse,

@@ -9,8 +9,8 @@ use crate::registry::{Label, NodeSpec};
 use super::encode::{
     addr_rdata, addr_type, header, prepend, question, rr_named, rr_ptr_owner, MAX_POINTER,
 };
-use super::snapshot::{Map, 
-    Entry, ReverseIndex, RoleData, RrSet, Template, TYPE_A, TYPE_AAAA, TYPE_SRV,
+use super::snapshot::{
+    Entry, Map, ReverseIndex, RoleData, RrSet, Template, TYPE_A, TYPE_AAAA, TYPE_SRV,
 };
 
 /// How many rotations of an SRV set are pre-encoded (its records differ in size and its glue

@@ -57,8 +57,7 @@ fn drop_token(slot: &TokenSlot, used: &str) {
 fn is_auth_error(code: i64, message: &str) -> bool {
     code == CODE_UNAUTHENTICATED
         || message.contains("invalid auth token")
-        || message.contains("token")
-            && (message.contains("expired") || message.contains("invalid"))
+        || message.contains("token") && (message.contains("expired") || message.contains("invalid"))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -349,7 +348,9 @@ impl Client {
             return Ok(Some(t));
         }
         let Ok(_one) = tokio::time::timeout(timeout, self.authenticating.lock()).await else {
-            return Err(Err(Retry("waiting for another authentication to etcd".into())));
+            return Err(Err(Retry(
+                "waiting for another authentication to etcd".into(),
+            )));
         };
         if let Some(t) = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(Some(t));
@@ -889,7 +890,10 @@ mod tests {
             3,
             "etcdserver: authentication failed, invalid user ID or password"
         ));
-        let e = decode::<Value>(denied, false, false).ok().unwrap().unwrap_err();
+        let e = decode::<Value>(denied, false, false)
+            .ok()
+            .unwrap()
+            .unwrap_err();
         assert!(e.to_string().contains("--etcd-prefix"), "{e}");
     }
 

@@ -304,7 +304,11 @@ impl Link {
 
     /// Prometheus text for the link.
     pub fn render(&self, out: &mut Exposition) {
-        out.gauge("rollcall_etcd_up", "1 while etcd answers this server.", u8::from(self.is_up()));
+        out.gauge(
+            "rollcall_etcd_up",
+            "1 while etcd answers this server.",
+            u8::from(self.is_up()),
+        );
         let applied = self.applied.load(Relaxed);
         out.gauge(
             "rollcall_etcd_revision",
@@ -368,7 +372,11 @@ impl Link {
             );
             for (i, op) in client::OPS.iter().enumerate() {
                 let s = &c.stats[i];
-                f.sum_count(&[("op", op)], s.micros.load(Relaxed) as f64 / 1e6, s.count.load(Relaxed));
+                f.sum_count(
+                    &[("op", op)],
+                    s.micros.load(Relaxed) as f64 / 1e6,
+                    s.count.load(Relaxed),
+                );
             }
             let mut f = out.family(
                 "rollcall_etcd_request_errors_total",

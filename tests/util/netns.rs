@@ -88,4 +88,3 @@ impl Drop for NetNs {
             .status();
     }
 }
-

@@ -65,7 +65,12 @@ impl Entry {
     /// Checks an upstream reply against the query we sent (`id`, and `question`: the wire
     /// question with the letter case we sent) and makes it an entry. `lower` is the question
     /// in lower case (the cache key's name, type and class).
-    pub fn from_upstream(reply: &[u8], id: u16, question: &[u8], lower: &[u8]) -> Result<Entry, Bad> {
+    pub fn from_upstream(
+        reply: &[u8],
+        id: u16,
+        question: &[u8],
+        lower: &[u8],
+    ) -> Result<Entry, Bad> {
         if reply.len() < 12 || reply[..2] != id.to_be_bytes() || reply[2] & 0x80 == 0 {
             return Err(Bad::NotOurs);
         }
@@ -340,7 +345,10 @@ mod tests {
     fn query(id: u16, qname: &str, edns: bool) -> (Vec<u8>, ClientQuery, Vec<u8>) {
         let mut m = Message::new(id, MessageType::Query, OpCode::Query);
         m.metadata.recursion_desired = true;
-        m.add_query(Query::query(Name::from_ascii(qname).unwrap(), RecordType::A));
+        m.add_query(Query::query(
+            Name::from_ascii(qname).unwrap(),
+            RecordType::A,
+        ));
         if edns {
             let mut e = Edns::new();
             e.set_max_payload(1232);
@@ -374,15 +382,27 @@ mod tests {
         assert_eq!(m.answers.len(), 2);
         assert!(m.edns.is_some(), "the client sent OPT");
         // Another ID, wrong case, another name: not ours.
-        assert_eq!(Entry::from_upstream(&r, 78, sent, question_of(&key)).err(), Some(Bad::NotOurs));
+        assert_eq!(
+            Entry::from_upstream(&r, 78, sent, question_of(&key)).err(),
+            Some(Bad::NotOurs)
+        );
         let lower = b"\x03www\x07example\x04test\x00\x00\x01\x00\x01";
-        assert_eq!(Entry::from_upstream(&r, 77, lower, question_of(&key)).err(), Some(Bad::CaseDiffers));
+        assert_eq!(
+            Entry::from_upstream(&r, 77, lower, question_of(&key)).err(),
+            Some(Bad::CaseDiffers)
+        );
         // Truncated replies go to TCP; a record cut short is malformed.
         r[2] |= 0x02;
-        assert_eq!(Entry::from_upstream(&r, 77, sent, question_of(&key)).err(), Some(Bad::Truncated));
+        assert_eq!(
+            Entry::from_upstream(&r, 77, sent, question_of(&key)).err(),
+            Some(Bad::Truncated)
+        );
         r[2] &= !0x02;
         let cut = &r[..r.len() - 15];
-        assert_eq!(Entry::from_upstream(cut, 77, sent, question_of(&key)).err(), Some(Bad::Malformed));
+        assert_eq!(
+            Entry::from_upstream(cut, 77, sent, question_of(&key)).err(),
+            Some(Bad::Malformed)
+        );
     }
 
     #[test]

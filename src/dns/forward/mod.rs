@@ -166,14 +166,22 @@ impl ForwardStats {
                 "What the forwarding cache holds, in bytes (bounded by --forward-cache-size).",
                 u.bytes,
             );
-            out.gauge("rollcall_forward_cache_entries", "Answers in the forwarding cache.", u.entries);
+            out.gauge(
+                "rollcall_forward_cache_entries",
+                "Answers in the forwarding cache.",
+                u.entries,
+            );
         }
         let Some((ups, epoch)) = self.upstreams.get() else {
             return;
         };
         let now_ms = epoch.elapsed().as_millis() as u64;
         let names: Vec<String> = ups.iter().map(|u| u.addr.to_string()).collect();
-        let mut f = out.family("rollcall_forward_upstream_up", Kind::Gauge, "1 while the upstream answers.");
+        let mut f = out.family(
+            "rollcall_forward_upstream_up",
+            Kind::Gauge,
+            "1 while the upstream answers.",
+        );
         for (u, name) in ups.iter().zip(&names) {
             f.sample(
                 &[("upstream", name)],
@@ -404,7 +412,10 @@ impl Inner {
         let name_len = question_len - 4;
         if is_under(&key[..name_len], PROBE_SUFFIX) {
             self.probe_came_back(&key[..name_len]);
-            return self.send(waiter, &Entry::empty(&key[..question_len], RCODE_REFUSED, 0));
+            return self.send(
+                waiter,
+                &Entry::empty(&key[..question_len], RCODE_REFUSED, 0),
+            );
         }
         if let Some(hit) = self.cache.get(&key) {
             self.stats.cache_hits.fetch_add(1, Relaxed);
@@ -415,7 +426,10 @@ impl Inner {
         }
         let Some(ups) = self.rules.upstreams(&key[..name_len]) else {
             // Not ours to forward: what rollcall answers without forwarding.
-            return self.send(waiter, &Entry::empty(&key[..question_len], RCODE_REFUSED, 0));
+            return self.send(
+                waiter,
+                &Entry::empty(&key[..question_len], RCODE_REFUSED, 0),
+            );
         };
         let ups = ups.to_vec();
         let prefix = prefix_of(waiter.client);
@@ -433,7 +447,10 @@ impl Inner {
         if let Some(counter) = over {
             drop(state);
             counter.fetch_add(1, Relaxed);
-            return self.send(waiter, &Entry::empty(&key[..question_len], RCODE_SERVFAIL, 0));
+            return self.send(
+                waiter,
+                &Entry::empty(&key[..question_len], RCODE_SERVFAIL, 0),
+            );
         }
         *state.per_client.entry(prefix).or_default() += 1;
         state.waiting += 1;
@@ -493,7 +510,8 @@ impl Inner {
                 let _ = tx.send(out);
             }
             Reply::Udp { socket, to } => {
-                let mut truncated = entry.write(&w.query, &w.cq, w.cq.limit(Transport::Udp), &mut out);
+                let mut truncated =
+                    entry.write(&w.query, &w.cq, w.cq.limit(Transport::Udp), &mut out);
                 match self.rate_limit.check(w.client) {
                     Verdict::Drop => {
                         self.counters.rate_limited();
@@ -588,13 +606,19 @@ impl Inner {
         if u.ourselves {
             return;
         }
-        let label = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+        let label = format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
         let mut name = vec![label.len() as u8];
         name.extend_from_slice(label.as_bytes());
         name.extend_from_slice(PROBE_SUFFIX);
         {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.probes.retain(|_, (_, at)| at.elapsed() <= PROBE_WINDOW);
+            state
+                .probes
+                .retain(|_, (_, at)| at.elapsed() <= PROBE_WINDOW);
             state.probes.insert(name.clone(), (i, Instant::now()));
         }
         let inner = self.clone();

@@ -91,7 +91,8 @@ impl Upstream {
                 tracing::info!(upstream = %self.addr, "upstream answers again: forwarding to it");
                 return true;
             }
-        } else if self.fails.fetch_add(1, Relaxed) + 1 >= DOWN_AFTER && self.up.swap(false, Relaxed) {
+        } else if self.fails.fetch_add(1, Relaxed) + 1 >= DOWN_AFTER && self.up.swap(false, Relaxed)
+        {
             tracing::warn!(upstream = %self.addr, "upstream does not answer: marked down, probed every 500 ms");
             return true;
         }
@@ -183,13 +184,21 @@ fn query_bytes(ask: &Ask<'_>, id: u16, caps: bool) -> (Vec<u8>, Vec<u8>) {
     (q, sent)
 }
 
-async fn udp(up: SocketAddr, bytes: &[u8], id: u16, sent: &[u8], lower: &[u8]) -> Result<Entry, Bad> {
+async fn udp(
+    up: SocketAddr,
+    bytes: &[u8],
+    id: u16,
+    sent: &[u8],
+    lower: &[u8],
+) -> Result<Entry, Bad> {
     let bind: SocketAddr = if up.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let sock = tokio::net::UdpSocket::bind(bind).await.map_err(|_| Bad::NotOurs)?;
+    let sock = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(|_| Bad::NotOurs)?;
     sock.connect(up).await.map_err(|_| Bad::NotOurs)?;
     sock.send(bytes).await.map_err(|_| Bad::NotOurs)?;
     let mut buf = vec![0u8; 65535];
@@ -207,8 +216,16 @@ async fn udp(up: SocketAddr, bytes: &[u8], id: u16, sent: &[u8], lower: &[u8]) -
     }
 }
 
-async fn tcp(up: SocketAddr, bytes: &[u8], id: u16, sent: &[u8], lower: &[u8]) -> Result<Entry, Bad> {
-    let mut s = tokio::net::TcpStream::connect(up).await.map_err(|_| Bad::Malformed)?;
+async fn tcp(
+    up: SocketAddr,
+    bytes: &[u8],
+    id: u16,
+    sent: &[u8],
+    lower: &[u8],
+) -> Result<Entry, Bad> {
+    let mut s = tokio::net::TcpStream::connect(up)
+        .await
+        .map_err(|_| Bad::Malformed)?;
     let _ = s.set_nodelay(true);
     let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(bytes);
@@ -241,7 +258,11 @@ mod tests {
             assert_eq!(&q[12..12 + sent.len()], &sent[..]);
             seen.insert(sent);
         }
-        assert!(seen.len() > 10, "the case varies from query to query: {}", seen.len());
+        assert!(
+            seen.len() > 10,
+            "the case varies from query to query: {}",
+            seen.len()
+        );
         let (_, plain) = query_bytes(&ask, 7, false);
         assert_eq!(&plain[..], &lower[..]);
     }
