@@ -86,8 +86,8 @@ fn docker(args: &[&str]) -> String {
     run_ok(Command::new("docker").args(args))
 }
 
-/// A /24 no route and no docker network of this machine uses: `172.31.N`.
-fn free_net() -> String {
+/// A /24 no route, no docker network of this machine and none of `taken` uses: `172.31.N`.
+fn free_net(taken: &[&str]) -> String {
     let routes = run_ok(Command::new(require("ip")).args(["-4", "route", "show", "table", "all"]));
     let nets = docker(&["network", "ls", "-q"]);
     let mut used = routes;
@@ -103,7 +103,7 @@ fn free_net() -> String {
     let seed = std::process::id() as usize;
     (0..150)
         .map(|i| format!("172.31.{}", 100 + (seed + i) % 150))
-        .find(|p| !used.contains(&format!("{p}.")))
+        .find(|p| !used.contains(&format!("{p}.")) && !taken.contains(&p.as_str()))
         .expect("no free 172.31.x.0/24 for the test's network")
 }
 
@@ -170,6 +170,8 @@ struct Stack {
     project: String,
     tag: String,
     net: String,
+    /// The /24 of docker-compose.etcd.yml's `registry` network (etcd's own).
+    etcd_net: String,
     compose: Vec<String>,
     files: Vec<PathBuf>,
     /// See [`Images::hipache_tarball`].
@@ -189,6 +191,7 @@ impl Stack {
                     .join(":"),
             ),
             ("ROLLCALL_NET", self.net.clone()),
+            ("ROLLCALL_ETCD_NET", self.etcd_net.clone()),
             ("ROLLCALL_TAG", self.tag.clone()),
             (
                 "ROLLCALL_PROXY_STAGE",
@@ -337,23 +340,38 @@ impl Drop for Stack {
         for id in String::from_utf8_lossy(&left.stdout).split_whitespace() {
             let _ = run(Command::new("docker").args(["rm", "-f", id]));
         }
-        let _ = run(Command::new("docker").args([
-            "network",
-            "rm",
-            &format!("{}_cluster", self.project),
-        ]));
+        for net in ["cluster", "registry"] {
+            let _ = run(Command::new("docker").args([
+                "network",
+                "rm",
+                &format!("{}_{net}", self.project),
+            ]));
+        }
     }
 }
 
+/// The container's address on the stack's network (`<project>_cluster`; a frontserver over
+/// etcd is on etcd's `registry` network too), or on its only network.
 fn ip_of(id: &str) -> String {
-    docker(&[
+    let out = docker(&[
         "inspect",
         "-f",
-        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        "{{range $n, $s := .NetworkSettings.Networks}}{{$n}}={{$s.IPAddress}} {{end}}",
         id,
-    ])
-    .trim()
-    .to_string()
+    ]);
+    let nets: Vec<(&str, &str)> = out
+        .split_whitespace()
+        .filter_map(|p| p.split_once('='))
+        .collect();
+    match nets.as_slice() {
+        [(_, ip)] => ip.to_string(),
+        _ => nets
+            .iter()
+            .find(|(n, _)| n.ends_with("_cluster"))
+            .unwrap_or_else(|| panic!("container {id}: no address on a *_cluster network: {out}"))
+            .1
+            .to_string(),
+    }
 }
 
 fn hostname_of(id: &str) -> String {
@@ -803,10 +821,12 @@ fn the_stack_in_containers() {
 }
 
 fn stack(images: &Images, suffix: &str, files: &[&str]) -> Stack {
+    let net = free_net(&[]);
     Stack {
         project: format!("rollcalltest{}{suffix}", std::process::id()),
         tag: images.tag.clone(),
-        net: free_net(),
+        etcd_net: free_net(&[&net]),
+        net,
         compose: compose_program(),
         files: files
             .iter()
@@ -1275,21 +1295,119 @@ fn never_lost(
         .all(|(_, s)| s.as_ref().is_some_and(|s| s.is_superset(want)))
 }
 
-/// The etcd service (`etcd1`..`etcd3`) that leads, asked through etcd's JSON gateway.
-fn etcd_leader(net: &str) -> String {
+/// `etcdctl ARGS` inside an etcd member (as root: it reads every key and password of the
+/// stack's pki volume), over TLS with the members' certificate.
+fn etcdctl(stack: &Stack, member: &str, args: &str) -> Output {
+    let id = stack.one(member);
+    let pki = "/etc/rollcall-etcd";
+    run(Command::new("docker").args([
+        "exec",
+        "-u",
+        "0",
+        &id,
+        "sh",
+        "-c",
+        &format!(
+            "ETCDCTL_API=3 etcdctl --endpoints https://127.0.0.1:2379 --cacert {pki}/ca.pem \
+             --cert {pki}/etcd.pem --key {pki}/etcd.key --dial-timeout 2s {args}"
+        ),
+    ]))
+}
+
+/// The etcd service (`etcd1`..`etcd3`) that leads, asked of each member itself.
+fn etcd_leader(stack: &Stack) -> String {
     for i in 1..=3 {
-        let url = format!("http://{net}.2{i}:2379/v3/maintenance/status");
-        let Ok(r) = util::http().post(&url).body("{}").send() else {
+        let out = etcdctl(stack, &format!("etcd{i}"), "endpoint status -w json");
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
             continue;
         };
-        let Ok(v) = r.json::<serde_json::Value>() else {
-            continue;
-        };
-        if v["leader"].is_string() && v["leader"] == v["header"]["member_id"] {
+        let status = &v[0]["Status"];
+        if status["leader"].is_u64() && status["leader"] == status["header"]["member_id"] {
             return format!("etcd{i}");
         }
     }
     panic!("no etcd member says it leads");
+}
+
+/// etcd is nobody else's: not reachable from an appserver, TLS with client certificates only,
+/// authentication on, and rollcall's user limited to its prefix.
+fn etcd_is_closed(stack: &Stack, app: &str) {
+    let etcd1 = format!("{}.21", stack.etcd_net);
+    // From an appserver (on the stack's network only), no route to etcd.
+    let out = run(Command::new("docker").args([
+        "exec",
+        app,
+        "python3",
+        "-c",
+        "import socket, sys; socket.create_connection((sys.argv[1], 2379), 3); print('connected')",
+        &etcd1,
+    ]));
+    assert!(
+        !out.status.success(),
+        "an appserver reached etcd at {etcd1}:2379: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eprintln!(
+        "an appserver cannot reach etcd: {}",
+        String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+    );
+    // Plain HTTP, and TLS without a client certificate, are refused.
+    let member = stack.one("etcd1");
+    let pki = "/etc/rollcall-etcd";
+    let check = |args: &[&str]| {
+        run(Command::new("docker")
+            .args(["exec", &member, "rollcall", "check"])
+            .args(args))
+    };
+    let plain = check(&["http://127.0.0.1:2379/health"]);
+    assert!(!plain.status.success(), "etcd answered plain HTTP");
+    let ca = format!("{pki}/ca.pem");
+    let no_cert = check(&["--ca-file", &ca, "https://127.0.0.1:2379/health"]);
+    assert!(
+        !no_cert.status.success(),
+        "etcd answered a client without a certificate"
+    );
+    let (cert, key) = (format!("{pki}/etcd.pem"), format!("{pki}/etcd.key"));
+    let with_cert = check(&[
+        "--ca-file",
+        &ca,
+        "--client-cert",
+        &cert,
+        "--client-key",
+        &key,
+        "https://127.0.0.1:2379/health",
+    ]);
+    assert!(
+        with_cert.status.success(),
+        "etcd refused the members' own certificate: {}",
+        String::from_utf8_lossy(&with_cert.stderr)
+    );
+    // Authentication is on: a certificate that names no user reads nothing.
+    let anon = etcdctl(stack, "etcd1", "get --prefix --keys-only /rollcall/");
+    assert!(
+        !anon.status.success()
+            && String::from_utf8_lossy(&anon.stderr).contains("permission denied"),
+        "etcd served keys to a client that is no user: {:?}",
+        anon
+    );
+    // rollcall's user reads and writes its prefix, and nothing else.
+    let user = format!("--user rollcall:$(cat {pki}/rollcall-password)");
+    let mine = etcdctl(stack, "etcd1", &format!("{user} get --prefix --keys-only /rollcall/"));
+    assert!(
+        mine.status.success()
+            && String::from_utf8_lossy(&mine.stdout).contains("/appserver/"),
+        "rollcall's user cannot read its prefix: {mine:?}"
+    );
+    let other = etcdctl(stack, "etcd1", &format!("{user} put /elsewhere x"));
+    assert!(
+        !other.status.success()
+            && String::from_utf8_lossy(&other.stderr).contains("permission denied"),
+        "rollcall's user wrote outside its prefix: {other:?}"
+    );
+    eprintln!(
+        "etcd: plain HTTP refused, TLS without a client certificate refused, a certificate \
+         naming no user reads nothing, rollcall's user is held to /rollcall/"
+    );
 }
 
 fn over_etcd(images: &Images) {
@@ -1342,6 +1460,8 @@ fn over_etcd(images: &Images) {
         stack.redis_list()
     );
 
+    etcd_is_closed(&stack, &apps[0]);
+
     let proxy = stack.one("proxyserver");
     let (via_proxy, standin) = through_proxy(&stack, &proxy, &front_ips);
 
@@ -1378,7 +1498,7 @@ fn over_etcd(images: &Images) {
     assert_eq!(summary("docker kill rollcall", &samples, t0), 0);
 
     // 3. kill -9 of the etcd leader, under load.
-    let leader = etcd_leader(&net);
+    let leader = etcd_leader(&stack);
     let leader_id = stack.one(&leader);
     let watch2 = DnsWatch::start(central[1], "appserver.cluster.");
     let watch_local = DnsWatch::start(locals[1], "appserver.cluster.");
