@@ -151,21 +151,59 @@ pub fn client_config(
     files: &ClientFiles,
     needed: bool,
 ) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
-    let pair = match (&files.client_cert, &files.client_key) {
-        (Some(c), Some(k)) => Some((load_certs("client-cert", c)?, load_key("client-key", k)?)),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err("--client-cert is given without --client-key: give both".into())
-        }
-        (None, Some(_)) => {
-            return Err("--client-key is given without --client-cert: give both".into())
-        }
-    };
     if !needed && !files.any() {
         return Ok(None);
     }
-    let roots = match &files.ca_file {
-        Some(ca) => roots_from("ca-file", ca)?,
+    build_client(
+        ["ca-file", "client-cert", "client-key"],
+        files.ca_file.as_deref(),
+        files.client_cert.as_deref(),
+        files.client_key.as_deref(),
+    )
+    .map(Some)
+}
+
+/// The rustls config rollcall serve speaks to https:// etcd endpoints with: `--etcd-cacert`
+/// (else the system's CAs), `--etcd-cert` and `--etcd-key` for etcd's `--client-cert-auth`.
+pub fn etcd_client_config(
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    build_client(["etcd-cacert", "etcd-cert", "etcd-key"], ca, cert, key)
+}
+
+type CertAndKey = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// The client certificate and key flags read as a pair; `flags` names them in errors.
+fn pair_of(
+    [cert_flag, key_flag]: [&str; 2],
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Option<CertAndKey>, String> {
+    match (cert, key) {
+        (Some(c), Some(k)) => Ok(Some((load_certs(cert_flag, c)?, load_key(key_flag, k)?))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(format!(
+            "--{cert_flag} is given without --{key_flag}: give both"
+        )),
+        (None, Some(_)) => Err(format!(
+            "--{key_flag} is given without --{cert_flag}: give both"
+        )),
+    }
+}
+
+/// A client config (the API's clients and etcd's alike): trust `ca` (else the system's CAs),
+/// show `cert`/`key` when given. `flags` are the flag names errors speak of.
+fn build_client(
+    [ca_flag, cert_flag, key_flag]: [&str; 3],
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let pair = pair_of([cert_flag, key_flag], cert, key)?;
+    let roots = match ca {
+        Some(ca) => roots_from(ca_flag, ca)?,
         None => {
             let mut roots = rustls::RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
@@ -173,7 +211,7 @@ pub fn client_config(
             if added == 0 {
                 tracing::warn!(
                     "no CA certificates found on this system: https:// servers can only be \
-                     trusted with --ca-file"
+                     trusted with --{ca_flag}"
                 );
             }
             roots
@@ -186,46 +224,8 @@ pub fn client_config(
     let mut config = match pair {
         Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| {
             format!(
-                "--client-cert and --client-key do not make a usable pair: {e} (is the key the \
-                 certificate's own?)"
-            )
-        })?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
-    Ok(Some(Arc::new(config)))
-}
-
-/// The rustls config rollcall serve speaks to https:// etcd endpoints with: `--etcd-cacert`
-/// (else the system's CAs), `--etcd-cert` and `--etcd-key` for etcd's `--client-cert-auth`.
-pub fn etcd_client_config(
-    ca: Option<&Path>,
-    cert: Option<&Path>,
-    key: Option<&Path>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    let pair = match (cert, key) {
-        (Some(c), Some(k)) => Some((load_certs("etcd-cert", c)?, load_key("etcd-key", k)?)),
-        (None, None) => None,
-        (Some(_), None) => return Err("--etcd-cert is given without --etcd-key: give both".into()),
-        (None, Some(_)) => return Err("--etcd-key is given without --etcd-cert: give both".into()),
-    };
-    let roots = match ca {
-        Some(ca) => roots_from("etcd-cacert", ca)?,
-        None => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            roots
-        }
-    };
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS set-up: {e}"))?
-        .with_root_certificates(roots);
-    let mut config = match pair {
-        Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| {
-            format!(
-                "--etcd-cert and --etcd-key do not make a usable pair: {e} (is the key the \
-                 certificate's own?)"
+                "--{cert_flag} and --{key_flag} do not make a usable pair: {e} (is the key \
+                 the certificate's own?)"
             )
         })?,
         None => builder.with_no_client_auth(),
