@@ -4,11 +4,12 @@
 //! - [`cli`]: raw flags; [`config`]: validated settings built once from them;
 //! - [`registry`]: the single owner of registrations (leases, expiry, index, change feed);
 //! - [`journal`]: the embedded registry owner's log in the data directory;
-//! - [`etcd`]: etcd mode (several servers): client, mirror, link state;
+//! - [`etcd`]: etcd mode (several servers): client, mirror, link state (no registry types:
+//!   the node schema is `registry::etcd::schema`);
 //! - [`dns`]: snapshot, query path, UDP and TCP transports, DNS policy and ACLs, rate limiting,
-//!   forwarding, zone files;
+//!   forwarding, zone files, its counters;
 //! - [`api`]: the HTTP API (axum); [`tls`]: HTTPS for it, both ends (rustls);
-//! - [`metrics`]: counters and the one Prometheus exposition writer;
+//! - [`metrics`]: the one Prometheus exposition writer (a leaf: it imports nothing of ours);
 //! - [`server`]: `rollcall serve`, wiring the above together; [`shutdown`], [`systemd`],
 //!   [`net`], [`clock`]: its small helpers;
 //! - [`agent`], [`hipache`], [`status`], [`docker`]: the client subcommands, over [`client`];

@@ -1,148 +1,17 @@
 //! Counters for `/metrics` (Prometheus text format).
 //!
-//! The DNS hot path counts into per-thread blocks ([`DnsCounters`]), each written by one thread
-//! only with plain relaxed load + store (no locked instruction, no shared cache line), and summed
-//! when `/metrics` is scraped. The registry writer counts into [`RegistryCounters`] (one
-//! writer, relaxed atomics). The API middleware records requests by route and status with a
-//! latency histogram ([`ApiMetrics`]).
+//! The one exposition writer ([`Exposition`]) and the counters that are not the DNS server's:
+//! the registry writer counts into [`RegistryCounters`] (one writer, relaxed atomics), the API
+//! middleware records requests by route and status with a latency histogram ([`ApiMetrics`]).
+//! The DNS server owns its counters (`dns::stats`), forwarding and etcd theirs; each renders
+//! its families into an [`Exposition`], and `api::metrics` puts the page together. This
+//! module depends on no other part of rollcall.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
-
-/// Query types counted by name; everything else is "other".
-const QTYPES: [(u16, &str); 9] = [
-    (1, "A"),
-    (28, "AAAA"),
-    (33, "SRV"),
-    (12, "PTR"),
-    (6, "SOA"),
-    (2, "NS"),
-    (255, "ANY"),
-    (252, "AXFR"),
-    (0, "other"),
-];
-/// Response codes counted by name; index 6 is BADVERS, 7 anything else.
-const RCODES: [&str; 8] = [
-    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS", "other",
-];
-
-/// One thread's (or one transport's) DNS counters.
-#[repr(align(128))]
-#[derive(Default)]
-pub struct DnsCounters {
-    qtype: [AtomicU64; QTYPES.len()],
-    rcode: [AtomicU64; RCODES.len()],
-    truncated: AtomicU64,
-    dropped: AtomicU64,
-    rate_limited: AtomicU64,
-}
-
-#[inline]
-fn bump(c: &AtomicU64) {
-    // Single writer per block: no read-modify-write instruction needed.
-    c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
-}
-
-impl DnsCounters {
-    /// Counts an answered query. Only the owning thread may call this (see module docs).
-    #[inline]
-    pub fn answered(&self, qtype: u16, rcode: u8, truncated: bool) {
-        let (qi, ri) = slots(qtype, rcode);
-        bump(&self.qtype[qi]);
-        bump(&self.rcode[ri]);
-        if truncated {
-            bump(&self.truncated);
-        }
-    }
-
-    #[inline]
-    pub fn dropped(&self) {
-        bump(&self.dropped);
-    }
-
-    /// A response held back (dropped or slipped) by rate limiting.
-    #[inline]
-    pub fn rate_limited(&self) {
-        bump(&self.rate_limited);
-    }
-}
-
-/// TCP answers come from many tasks: they share one block with atomic adds (TCP is rare).
-#[derive(Default)]
-pub struct SharedDnsCounters(DnsCounters);
-
-impl SharedDnsCounters {
-    pub fn answered(&self, qtype: u16, rcode: u8, truncated: bool) {
-        let (c, (qi, ri)) = (&self.0, slots(qtype, rcode));
-        c.qtype[qi].fetch_add(1, Relaxed);
-        c.rcode[ri].fetch_add(1, Relaxed);
-        if truncated {
-            c.truncated.fetch_add(1, Relaxed);
-        }
-    }
-}
-
-/// The counter slots of a query type and a response code (see `QTYPES`, `RCODES`).
-#[inline]
-fn slots(qtype: u16, rcode: u8) -> (usize, usize) {
-    let qi = QTYPES
-        .iter()
-        .position(|(t, _)| *t == qtype)
-        .unwrap_or(QTYPES.len() - 1);
-    let ri = match rcode {
-        0..=5 => usize::from(rcode),
-        16 => 6,
-        _ => 7,
-    };
-    (qi, ri)
-}
-
-/// All DNS counters: one block per UDP thread, one shared block for TCP.
-#[derive(Default)]
-pub struct DnsStats {
-    udp: Mutex<Vec<Arc<DnsCounters>>>,
-    pub tcp: SharedDnsCounters,
-    /// Forwarding's counters, when `--forward` is on.
-    pub forward: std::sync::OnceLock<Arc<crate::dns::forward::ForwardStats>>,
-    /// The published snapshot, for the zones' SOA serials.
-    pub snapshot: std::sync::OnceLock<Arc<arc_swap::ArcSwap<crate::dns::snapshot::Snapshot>>>,
-    /// Zone file loads (the one at start and every SIGHUP): results, and the last good one.
-    pub zone_loads_ok: AtomicU64,
-    pub zone_loads_failed: AtomicU64,
-    /// Unix time (ms) of the last successful load; its duration (µs).
-    pub zone_last_load_ms: AtomicU64,
-    pub zone_last_load_us: AtomicU64,
-}
-
-impl DnsStats {
-    /// Records one load of the zone files.
-    pub fn zone_load(&self, ok: bool, took: Duration) {
-        if ok {
-            self.zone_loads_ok.fetch_add(1, Relaxed);
-            self.zone_last_load_ms
-                .store(crate::clock::unix_ms(), Relaxed);
-            self.zone_last_load_us
-                .store(took.as_micros() as u64, Relaxed);
-        } else {
-            self.zone_loads_failed.fetch_add(1, Relaxed);
-        }
-    }
-}
-
-impl DnsStats {
-    /// A new block for one UDP thread.
-    pub fn udp_thread(&self) -> Arc<DnsCounters> {
-        let c = Arc::new(DnsCounters::default());
-        self.udp
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(c.clone());
-        c
-    }
-}
 
 /// Registry events, counted by the writer.
 #[derive(Default)]
@@ -197,6 +66,19 @@ impl AtomicHistogram {
 }
 
 impl RegistryCounters {
+    /// The data dir's commit latency histograms.
+    pub fn render_commits(&self, out: &mut Exposition) {
+        out.family(
+        "rollcall_journal_commit_seconds",
+        Kind::Histogram,
+        "Data dir commits: durable=\"true\" with fsync (registrations, deregistrations), \"false\" written only (renewals).",
+    )
+    .histogram(&[("durable", "true")], &self.commit_durable.snapshot())
+    .histogram(&[("durable", "false")], &self.commit_buffered.snapshot());
+    }
+}
+
+impl RegistryCounters {
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Relaxed);
     }
@@ -238,6 +120,43 @@ pub struct ApiMetrics {
 pub const TLS_OUTCOMES: [&str; 4] = ["ok", "failed", "timeout", "plaintext"];
 
 impl ApiMetrics {
+    /// The API's request histograms and TLS handshake counts.
+    pub fn render(&self, out: &mut Exposition) {
+        let map = self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut f = out.family(
+            "rollcall_http_request_duration_seconds",
+            Kind::Histogram,
+            "HTTP API requests by method, route and status.",
+        );
+        for ((method, route, status, blocking), h) in map {
+            let (status, blocking) = (status.to_string(), blocking.to_string());
+            f.histogram(
+                &[
+                    ("method", &method),
+                    ("route", &route),
+                    ("status", &status),
+                    ("blocking", &blocking),
+                ],
+                &h,
+            );
+        }
+        let mut f = out.family(
+            "rollcall_http_tls_handshakes_total",
+            Kind::Counter,
+            "Connections to the API's TLS port by how they started: ok, failed (a refused \
+         certificate or protocol), timeout, plaintext (a plain-HTTP request, answered 400).",
+        );
+        for (i, outcome) in TLS_OUTCOMES.iter().enumerate() {
+            f.sample(&[("result", outcome)], self.tls[i].load(Relaxed));
+        }
+    }
+}
+
+impl ApiMetrics {
     /// Counts one TLS handshake outcome, a name of [`TLS_OUTCOMES`].
     pub fn tls_handshake(&self, outcome: &str) {
         if let Some(i) = TLS_OUTCOMES.iter().position(|o| *o == outcome) {
@@ -262,27 +181,6 @@ impl ApiMetrics {
             .or_default()
             .observe(secs);
     }
-}
-
-fn sum_blocks<'a>(
-    blocks: impl Iterator<Item = &'a DnsCounters>,
-) -> ([u64; QTYPES.len()], [u64; RCODES.len()], u64, u64) {
-    let (mut q, mut r, mut t, mut d) = ([0; QTYPES.len()], [0; RCODES.len()], 0, 0);
-    for b in blocks {
-        for (i, c) in b.qtype.iter().enumerate() {
-            q[i] += c.load(Relaxed);
-        }
-        for (i, c) in b.rcode.iter().enumerate() {
-            r[i] += c.load(Relaxed);
-        }
-        t += b.truncated.load(Relaxed);
-        d += b.dropped.load(Relaxed);
-    }
-    (q, r, t, d)
-}
-
-fn rate_limited<'a>(blocks: impl Iterator<Item = &'a DnsCounters>) -> u64 {
-    blocks.map(|b| b.rate_limited.load(Relaxed)).sum()
 }
 
 /// The one Prometheus text-format writer every subsystem renders with: a family's `# HELP`
@@ -418,221 +316,8 @@ impl Family<'_> {
     }
 }
 
-/// What the API knows at scrape time.
-pub struct Live<'a> {
-    pub index: u64,
-    /// Live nodes per role; roles seen before and empty now are listed with 0.
-    pub roles: &'a [(String, usize)],
-    pub sessions: usize,
-    pub blocking_queries: usize,
-}
-
-/// Renders the DNS, registry, API and process families (the `/metrics` handler adds etcd's).
-pub fn render(dns: &DnsStats, reg: &RegistryCounters, api: &ApiMetrics, live: &Live) -> Exposition {
-    let mut out = Exposition::new();
-    out.family(
-        "rollcall_build_info",
-        Kind::Gauge,
-        "Version of the running rollcall.",
-    )
-    .sample(
-        &[
-            ("version", env!("CARGO_PKG_VERSION")),
-            ("revision", env!("ROLLCALL_GIT_REV")),
-        ],
-        1,
-    );
-
-    let udp = dns.udp.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let per_transport = [
-        ("udp", sum_blocks(udp.iter().map(|b| &**b))),
-        ("tcp", sum_blocks(std::iter::once(&dns.tcp.0))),
-    ];
-    let mut f = out.family(
-        "rollcall_dns_queries_total",
-        Kind::Counter,
-        "DNS queries answered, by transport and query type.",
-    );
-    for (transport, (q, ..)) in &per_transport {
-        for (i, (_, name)) in QTYPES.iter().enumerate() {
-            f.sample(&[("transport", transport), ("qtype", name)], q[i]);
-        }
-    }
-    let mut f = out.family(
-        "rollcall_dns_responses_total",
-        Kind::Counter,
-        "DNS responses, by transport and response code.",
-    );
-    for (transport, (_, r, ..)) in &per_transport {
-        for (i, name) in RCODES.iter().enumerate() {
-            f.sample(&[("transport", transport), ("rcode", name)], r[i]);
-        }
-    }
-    out.counter(
-        "rollcall_dns_truncated_total",
-        "UDP answers sent with TC set (the client retries over TCP).",
-        per_transport[0].1 .2,
-    );
-    out.counter(
-        "rollcall_dns_dropped_total",
-        "Datagrams dropped unanswered (runts, responses).",
-        per_transport[0].1 .3,
-    );
-    out.counter(
-        "rollcall_dns_rate_limited_total",
-        "UDP responses held back by rate limiting (--rate-limit): dropped, or sent truncated (slip).",
-        rate_limited(udp.iter().map(|b| &**b)),
-    );
-
-    let events = [
-        (
-            "rollcall_registrations_total",
-            "New registrations.",
-            &reg.registrations,
-        ),
-        (
-            "rollcall_renewals_total",
-            "Lease renewals (PUT of an unchanged node, session heartbeats).",
-            &reg.renewals,
-        ),
-        (
-            "rollcall_deregistrations_total",
-            "Deregistrations (DELETE, closed sessions).",
-            &reg.deregistrations,
-        ),
-        (
-            "rollcall_expiries_total",
-            "Leases that ran out.",
-            &reg.expiries,
-        ),
-        (
-            "rollcall_session_opens_total",
-            "Sessions opened.",
-            &reg.session_opens,
-        ),
-        (
-            "rollcall_session_closes_total",
-            "Sessions whose connection closed while holding a node.",
-            &reg.session_closes,
-        ),
-        (
-            "rollcall_snapshot_publishes_total",
-            "DNS snapshots published.",
-            &reg.publishes,
-        ),
-        (
-            "rollcall_changes_total",
-            "PUTs that changed a registered node (address, port, service, ttl, weight, meta).",
-            &reg.changes,
-        ),
-        (
-            "rollcall_storage_failures_total",
-            "Failed writes, syncs or rewrites of the data dir (requests answered 503).",
-            &reg.storage_failures,
-        ),
-        (
-            "rollcall_journal_rewrites_total",
-            "Rewrites of the data dir's log from the live set (compactions, recoveries).",
-            &reg.compactions,
-        ),
-    ];
-    for (name, help, c) in events {
-        out.counter(name, help, c.load(Relaxed));
-    }
-    out.gauge(
-        "rollcall_index",
-        "Generation index of the registry.",
-        live.index,
-    );
-    let mut f = out.family("rollcall_nodes", Kind::Gauge, "Live nodes per role.");
-    for (role, n) in live.roles {
-        f.sample(&[("role", role)], n);
-    }
-
-    let map = api
-        .requests
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let mut f = out.family(
-        "rollcall_http_request_duration_seconds",
-        Kind::Histogram,
-        "HTTP API requests by method, route and status.",
-    );
-    for ((method, route, status, blocking), h) in map {
-        let (status, blocking) = (status.to_string(), blocking.to_string());
-        f.histogram(
-            &[
-                ("method", &method),
-                ("route", &route),
-                ("status", &status),
-                ("blocking", &blocking),
-            ],
-            &h,
-        );
-    }
-    let mut f = out.family(
-        "rollcall_http_tls_handshakes_total",
-        Kind::Counter,
-        "Connections to the API's TLS port by how they started: ok, failed (a refused \
-         certificate or protocol), timeout, plaintext (a plain-HTTP request, answered 400).",
-    );
-    for (i, outcome) in TLS_OUTCOMES.iter().enumerate() {
-        f.sample(&[("result", outcome)], api.tls[i].load(Relaxed));
-    }
-    out.gauge(
-        "rollcall_sessions",
-        "Open WebSocket sessions (one per node that holds one).",
-        live.sessions,
-    );
-    out.gauge(
-        "rollcall_blocking_queries",
-        "Blocking queries (GET ...?index=) waiting now.",
-        live.blocking_queries,
-    );
-    if let Some(cell) = dns.snapshot.get() {
-        let mut f = out.family(
-            "rollcall_soa_serial",
-            Kind::Gauge,
-            "SOA serial of each served zone.",
-        );
-        for z in &cell.load().zones {
-            f.sample(&[("zone", &z.apex_name.to_string())], z.serial);
-        }
-    }
-    out.family(
-        "rollcall_zone_loads_total",
-        Kind::Counter,
-        "Loads of the zone files (at start and on SIGHUP), by result; a failed one keeps the previous zones.",
-    )
-    .sample(&[("result", "ok")], dns.zone_loads_ok.load(Relaxed))
-    .sample(&[("result", "error")], dns.zone_loads_failed.load(Relaxed));
-    out.gauge(
-        "rollcall_zone_last_load_timestamp_seconds",
-        "When the zone files last loaded successfully (Unix time).",
-        dns.zone_last_load_ms.load(Relaxed) as f64 / 1000.0,
-    );
-    out.gauge(
-        "rollcall_zone_last_load_duration_seconds",
-        "How long that load took.",
-        dns.zone_last_load_us.load(Relaxed) as f64 / 1e6,
-    );
-    out.family(
-        "rollcall_journal_commit_seconds",
-        Kind::Histogram,
-        "Data dir commits: durable=\"true\" with fsync (registrations, deregistrations), \"false\" written only (renewals).",
-    )
-    .histogram(&[("durable", "true")], &reg.commit_durable.snapshot())
-    .histogram(&[("durable", "false")], &reg.commit_buffered.snapshot());
-    process_metrics(&mut out);
-    if let Some(f) = dns.forward.get() {
-        f.render(&mut out);
-    }
-    out
-}
-
 /// The standard process_* families, from /proc/self (Linux); nothing where it cannot be read.
-fn process_metrics(out: &mut Exposition) {
+pub fn process_metrics(out: &mut Exposition) {
     // SAFETY: sysconf with constant names, no pointers.
     let (tck, page) = unsafe {
         (

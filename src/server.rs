@@ -43,7 +43,7 @@ pub struct Running {
     /// Every DNS address bound, in --dns-listen order (port 0 resolved).
     pub dns_addrs: Vec<SocketAddr>,
     pub http_addr: SocketAddr,
-    dns_stats: Arc<crate::metrics::DnsStats>,
+    dns_stats: Arc<crate::dns::stats::DnsStats>,
     pub registry: Registry,
     builder: Arc<Mutex<Builder>>,
     config: ServeConfig,
@@ -126,7 +126,7 @@ pub async fn start(config: ServeConfig) -> Result<Running, StartError> {
     if let Some(n) = crate::net::raise_fd_limit() {
         tracing::debug!(limit = n, "open files limit");
     }
-    let dns_stats = Arc::new(crate::metrics::DnsStats::default());
+    let dns_stats = Arc::new(crate::dns::stats::DnsStats::default());
     let load_started = std::time::Instant::now();
     let statics = dns::zones::load_dir(&config.zones_dir)?;
     dns_stats.zone_load(true, load_started.elapsed());

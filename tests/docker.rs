@@ -1349,7 +1349,10 @@ fn etcd_is_closed(stack: &Stack, app: &str) {
     );
     eprintln!(
         "an appserver cannot reach etcd: {}",
-        String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
     );
     // Plain HTTP, and TLS without a client certificate, are refused.
     let member = stack.one("etcd1");
@@ -1392,10 +1395,13 @@ fn etcd_is_closed(stack: &Stack, app: &str) {
     );
     // rollcall's user reads and writes its prefix, and nothing else.
     let user = format!("--user rollcall:$(cat {pki}/rollcall-password)");
-    let mine = etcdctl(stack, "etcd1", &format!("{user} get --prefix --keys-only /rollcall/"));
+    let mine = etcdctl(
+        stack,
+        "etcd1",
+        &format!("{user} get --prefix --keys-only /rollcall/"),
+    );
     assert!(
-        mine.status.success()
-            && String::from_utf8_lossy(&mine.stdout).contains("/appserver/"),
+        mine.status.success() && String::from_utf8_lossy(&mine.stdout).contains("/appserver/"),
         "rollcall's user cannot read its prefix: {mine:?}"
     );
     let other = etcdctl(stack, "etcd1", &format!("{user} put /elsewhere x"));

@@ -4,6 +4,7 @@
 //! A successful `PUT` returns after the registry has made the node durable and visible in DNS.
 
 pub mod error;
+mod metrics;
 pub mod model;
 pub mod serve;
 pub mod session;
@@ -33,7 +34,7 @@ use error::ApiError;
 use model::{ErrorBody, Health, NodeOut, RegisterBody, RoleOut, RolesOut, SdTargetGroup};
 
 /// Largest request body accepted.
-pub const BODY_LIMIT: usize = 64 * 1024;
+pub const BODY_LIMIT: usize = crate::registry::BODY_MAX;
 /// Longest blocking query (`wait`) honoured; longer waits are cut to this.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
@@ -73,7 +74,7 @@ pub struct AppState {
     /// Caps on long-lived requests: blocking queries and sessions each hold a permit.
     pub waiters: Arc<tokio::sync::Semaphore>,
     pub sessions: Arc<tokio::sync::Semaphore>,
-    pub dns_stats: Arc<crate::metrics::DnsStats>,
+    pub dns_stats: Arc<crate::dns::stats::DnsStats>,
     pub api_metrics: Arc<crate::metrics::ApiMetrics>,
     /// Longest blocking query (`--max-wait`).
     pub max_wait: Duration,
@@ -175,7 +176,7 @@ impl AppState {
     }
 
     /// Uses the DNS transports' counters for `/metrics`.
-    pub fn with_dns_stats(mut self, stats: Arc<crate::metrics::DnsStats>) -> AppState {
+    pub fn with_dns_stats(mut self, stats: Arc<crate::dns::stats::DnsStats>) -> AppState {
         self.dns_stats = stats;
         self
     }
@@ -1097,11 +1098,11 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         .unwrap_or_else(|p| p.into_inner())
         .values()
         .sum();
-    let mut out = crate::metrics::render(
+    let mut out = metrics::render(
         &state.dns_stats,
         state.registry.counters(),
         &state.api_metrics,
-        &crate::metrics::Live {
+        &metrics::Live {
             index,
             roles: &roles,
             sessions,

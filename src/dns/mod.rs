@@ -12,7 +12,8 @@
 //! - `policy.rs`: what one client may do (query, recurse), the same over UDP and TCP;
 //! - `acl.rs`: the [`acl::Acl`] type of `--allow-query`, `--allow-recursion`,
 //!   `--rate-limit-exempt`, and the trusted default networks;
-//! - `rrl.rs`: response rate limiting, applied to every UDP response.
+//! - `rrl.rs`: response rate limiting, applied to every UDP response;
+//! - `stats.rs`: its counters (per-thread blocks) and their `/metrics` families.
 //!
 //! Nothing here takes a lock while answering: readers load the current [`Snapshot`] from an
 //! `ArcSwap` that only the [`Builder`] stores into.
@@ -25,6 +26,7 @@ pub mod policy;
 pub mod role;
 pub mod rrl;
 pub mod snapshot;
+pub mod stats;
 pub mod tcp;
 pub mod udp;
 pub mod wire;

@@ -20,8 +20,8 @@ use std::net::IpAddr;
 use super::forward::Forwarder;
 use super::policy::{Client, NotOurs, Policy};
 use super::snapshot::Snapshot;
+use super::stats::DnsStats;
 use super::wire::{answer, Outcome, Transport};
-use crate::metrics::DnsStats;
 
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle timeout once three quarters of the slots are taken.

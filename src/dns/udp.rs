@@ -18,7 +18,7 @@ use super::rrl::Verdict;
 use super::snapshot::Snapshot;
 use super::wire::{answer, refuse, Outcome, Transport, RCODE_REFUSED};
 
-use crate::metrics::DnsStats;
+use super::stats::DnsStats;
 use std::net::IpAddr;
 
 /// Datagrams per `recvmmsg`/`sendmmsg` call.

@@ -152,6 +152,15 @@ pub struct DeleteResponse {
     pub prev_kvs: Vec<Kv>,
 }
 
+/// What a one-key transaction ([`Client::put_if`]) compares.
+#[derive(Clone, Copy, Debug)]
+pub enum Cond {
+    /// The key does not exist.
+    Absent,
+    /// The key was last changed at this revision.
+    ModRevision(i64),
+}
+
 #[derive(Debug, Default, Deserialize)]
 pub struct TxnOp {
     #[serde(default)]
@@ -529,8 +538,49 @@ impl Client {
         self.call("range", "/v3/kv/range", &body, false).await
     }
 
-    pub async fn txn(&self, body: &Value) -> Result<TxnResponse, EtcdError> {
+    pub(super) async fn txn(&self, body: &Value) -> Result<TxnResponse, EtcdError> {
         self.call("txn", "/v3/kv/txn", body, false).await
+    }
+
+    /// `if cond(key) then put(key, value, lease) else range(key)`: a write that loses its
+    /// race reads what won (the failure branch's range), never overwrites it.
+    pub async fn put_if(
+        &self,
+        key: &[u8],
+        cond: Cond,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<TxnResponse, EtcdError> {
+        let k = b64(key);
+        let compare = match cond {
+            Cond::Absent => json!({"target": "CREATE", "key": k, "create_revision": "0"}),
+            Cond::ModRevision(rev) => {
+                json!({"target": "MOD", "key": k, "mod_revision": rev.to_string()})
+            }
+        };
+        self.txn(&json!({
+            "compare": [compare],
+            "success": [{"request_put": {"key": k, "value": b64(value), "lease": lease.to_string()}}],
+            "failure": [{"request_range": {"key": k}}],
+        }))
+        .await
+    }
+
+    /// Deletes one key: the revision after it, how many keys went (0 or 1) and what it held.
+    pub async fn delete(&self, key: &[u8]) -> Result<(i64, DeleteResponse), EtcdError> {
+        let r = self
+            .txn(&json!({
+                "success": [{"request_delete_range": {"key": b64(key), "prev_kv": true}}],
+            }))
+            .await?;
+        let revision = r.header.revision;
+        let del = r
+            .responses
+            .into_iter()
+            .next()
+            .and_then(|o| o.response_delete_range)
+            .unwrap_or_default();
+        Ok((revision, del))
     }
 
     /// Grants a lease; returns its id and the TTL etcd actually granted.

@@ -3,29 +3,24 @@
 //! - [`client`]: a small etcd v3 client over the JSON gateway, with member failover;
 //! - [`mirror`]: list at one revision, then watch from the next, re-list on compaction, verify
 //!   periodically; feeds the etcd owner (`registry::etcd`) in revision order;
-//! - this module: settings, the key and value layout in etcd, and the link's state as
-//!   `/readyz` and `/metrics` show it.
+//! - this module: settings, where rollcall's keys live under the prefix, and the link's state
+//!   as `/readyz` and `/metrics` show it. What a node's key and value hold is the registry's
+//!   (`registry::etcd::schema`): this module knows no registry types.
 //!
 //! Layout in etcd (prefix `--etcd-prefix`, default `/rollcall`):
 //!
 //! | key | value | lease |
 //! |---|---|---|
-//! | `<prefix>/v1/nodes/<role>/<node>` | [`NodeValue`] JSON | the node's current lease |
+//! | `<prefix>/v1/nodes/<role>/<node>` | a node (`registry::etcd::schema::NodeValue`, JSON) | the node's current lease |
 //! | `<prefix>/v1/meta/serial-base` | unix seconds of the cluster's first use | none |
 
 pub mod client;
 pub mod mirror;
 
 use crate::metrics::{Exposition, Kind};
-use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-
-use crate::registry::{Label, NodeKey, NodeSpec};
 
 /// `rollcall serve --etcd …` settings.
 #[derive(Clone, Debug)]
@@ -50,25 +45,8 @@ impl EtcdConfig {
         format!("{}/v1/nodes/", self.prefix).into_bytes()
     }
 
-    pub fn node_key(&self, key: &NodeKey) -> Vec<u8> {
-        format!("{}/v1/nodes/{}/{}", self.prefix, key.role, key.node).into_bytes()
-    }
-
     pub fn serial_base_key(&self) -> Vec<u8> {
         format!("{}/v1/meta/serial-base", self.prefix).into_bytes()
-    }
-
-    /// The node a key names, if it is a well-formed node key under our prefix, in the one
-    /// form rollcall writes (lower case): `App/UP` is not `app/up` (two keys would be one node).
-    pub fn parse_key(&self, key: &[u8]) -> Option<NodeKey> {
-        let rest = key.strip_prefix(self.nodes_prefix().as_slice())?;
-        let rest = std::str::from_utf8(rest).ok()?;
-        let (role, node) = rest.split_once('/')?;
-        let canonical = |s: &str| Label::parse(s).ok().filter(|l| l.as_str() == s);
-        Some(NodeKey {
-            role: canonical(role)?,
-            node: canonical(node)?,
-        })
     }
 }
 
@@ -82,74 +60,6 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
-}
-
-/// The largest value a registration through the API can make (its body limit, and room for
-/// the fields the server adds).
-pub const VALUE_MAX: usize = crate::api::BODY_LIMIT + 1024;
-
-/// A node as stored in etcd.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct NodeValue {
-    pub addr: IpAddr,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    pub service: String,
-    pub ttl: u32,
-    pub weight: u16,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub meta: BTreeMap<String, String>,
-    pub registered_unix_ms: u64,
-    /// Informational: `put` or `session`.
-    #[serde(default)]
-    pub holder: String,
-}
-
-impl NodeValue {
-    pub fn new(spec: &NodeSpec, registered_unix_ms: u64, holder: &str) -> NodeValue {
-        NodeValue {
-            addr: spec.addr,
-            port: spec.port,
-            service: spec.service.to_string(),
-            ttl: spec.ttl,
-            weight: spec.weight,
-            meta: spec.meta.clone(),
-            registered_unix_ms,
-            holder: holder.to_owned(),
-        }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a node value always serializes")
-    }
-
-    /// The spec, the registration time and whether a session holds the node. Only the form
-    /// rollcall writes is read (the API's rules are checked by the owner on top).
-    pub fn decode(bytes: &[u8]) -> Result<(NodeSpec, u64, bool), String> {
-        if bytes.len() > VALUE_MAX {
-            return Err(format!(
-                "{} bytes: larger than any registration the API takes",
-                bytes.len()
-            ));
-        }
-        let v: NodeValue = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        let service = crate::registry::parse_service(&v.service)
-            .ok()
-            .filter(|l| l.as_str() == v.service)
-            .ok_or_else(|| format!("service {:?} is not a lower-case service name", v.service))?;
-        Ok((
-            NodeSpec {
-                addr: v.addr,
-                port: v.port,
-                service,
-                ttl: v.ttl,
-                weight: v.weight,
-                meta: v.meta,
-            },
-            v.registered_unix_ms,
-            v.holder == "session",
-        ))
-    }
 }
 
 /// Why the mirror listed everything again.

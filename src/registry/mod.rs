@@ -34,6 +34,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use model::*;
+
+/// The largest registration body (JSON) the API takes; the etcd schema sizes values by it.
+pub const BODY_MAX: usize = 64 * 1024;
 pub use nodelist::NodeList;
 
 use crate::journal::{Journal, Loaded};

@@ -47,7 +47,8 @@ use self::upstream::{Ask, Upstream};
 use super::acl::Acl;
 use super::rrl::{RateLimit, Verdict};
 use super::wire::{client_query, ClientQuery, Transport};
-use crate::metrics::{DnsCounters, Exposition, Kind};
+use crate::dns::stats::DnsCounters;
+use crate::metrics::{Exposition, Kind};
 
 pub use self::rules::{parse_rule, Rule};
 

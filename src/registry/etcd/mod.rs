@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,11 +34,14 @@ use super::table::{Entry, Table};
 use super::{
     Command, LeaseCell, Limits, NodeInfo, NodeKey, NodeSpec, RegistryError, SessionGrant, Validate,
 };
-use crate::etcd::client::{b64, Client, EtcdError, Kv};
+use crate::etcd::client::{Client, Cond, EtcdError, Kv};
 use crate::etcd::mirror::MirrorMsg;
-use crate::etcd::{EtcdConfig, Link, NodeValue};
+use crate::etcd::{EtcdConfig, Link};
+
+mod schema;
 use crate::journal::{Journal, Loaded, StoredNode};
 use crate::metrics::RegistryCounters;
+use schema::NodeValue;
 
 /// Longest a write's reply waits for this server's copy to show it.
 const VISIBLE_WAIT: Duration = Duration::from_secs(1);
@@ -189,7 +191,7 @@ impl Ctx {
 
     /// The node as etcd has it now (after a lost compare).
     async fn reread(&self, key: &NodeKey) -> Result<Option<Cur>, RegistryError> {
-        let k = self.cfg.node_key(key);
+        let k = schema::node_key(&self.cfg, key);
         let r = self
             .client
             .range(&k, &[], 0, 1)
@@ -202,7 +204,7 @@ impl Ctx {
     /// its key in canonical form, its value readable and valid. `Err` has the node the key
     /// names (if it names one) and why the value is refused.
     fn decode(&self, kv: &Kv) -> Result<Decoded, (Option<NodeKey>, String)> {
-        let Some(key) = self.cfg.parse_key(&kv.key) else {
+        let Some(key) = schema::parse_key(&self.cfg, &kv.key) else {
             return Err((
                 None,
                 "the key is not <prefix>/v1/nodes/<role>/<node> in lower case".into(),
@@ -257,7 +259,7 @@ impl Ctx {
         mut cur: Option<Cur>,
     ) -> Result<NodeInfo, RegistryError> {
         spec.ttl = self.raise_ttl(spec.ttl);
-        let k = b64(&self.cfg.node_key(&key));
+        let k = schema::node_key(&self.cfg, &key);
         let cell = cur.as_ref().and_then(|c| c.cell.clone());
         for _ in 0..5 {
             // The common case: an unchanged PUT is a renewal, a keepalive of the node's lease,
@@ -323,13 +325,11 @@ impl Ctx {
                 .filter(|c| c.spec.is_some())
                 .map_or_else(crate::clock::unix_ms, |c| c.held.registered_unix_ms);
             let value = NodeValue::new(&spec, registered, "put").encode();
-            let compare = match &cur {
-                Some(c) => {
-                    json!({"target": "MOD", "key": k, "mod_revision": c.held.mod_rev.to_string()})
-                }
-                None => json!({"target": "CREATE", "key": k, "create_revision": "0"}),
+            let cond = match &cur {
+                Some(c) => Cond::ModRevision(c.held.mod_rev),
+                None => Cond::Absent,
             };
-            let txn = self.client.txn(&put_txn(&k, compare, &value, lease)).await;
+            let txn = self.client.put_if(&k, cond, &value, lease).await;
             match txn {
                 Ok(r) if r.succeeded => {
                     let old = cur.as_ref().map_or(0, |c| c.held.lease);
@@ -368,21 +368,14 @@ impl Ctx {
     }
 
     async fn delete(self: Arc<Self>, key: NodeKey) -> Result<bool, RegistryError> {
-        let k = b64(&self.cfg.node_key(&key));
-        let r = self
+        let (revision, del) = self
             .client
-            .txn(&json!({
-                "success": [{"request_delete_range": {"key": k, "prev_kv": true}}],
-            }))
+            .delete(&schema::node_key(&self.cfg, &key))
             .await
             .map_err(unavailable)?;
-        let del = r
-            .responses
-            .first()
-            .and_then(|o| o.response_delete_range.as_ref());
-        let Some(del) = del.filter(|d| d.deleted > 0) else {
+        if del.deleted == 0 {
             return Ok(false);
-        };
+        }
         // A value that was not a registration is gone now, but nothing was registered.
         let was_node = del
             .prev_kvs
@@ -404,7 +397,7 @@ impl Ctx {
                 }
             }
         };
-        let ((), visible) = tokio::join!(revoke, self.visible(r.header.revision));
+        let ((), visible) = tokio::join!(revoke, self.visible(revision));
         visible?;
         Ok(was_node)
     }
@@ -437,7 +430,7 @@ impl Ctx {
         mut cur: Option<Cur>,
     ) -> Result<Option<SessionGrant>, RegistryError> {
         RegistryCounters::inc(&self.counters.session_opens);
-        let k = b64(&self.cfg.node_key(&key));
+        let k = schema::node_key(&self.cfg, &key);
         for _ in 0..5 {
             let Some((c, spec)) = cur.clone().and_then(|c| Some((c.clone(), c.spec?))) else {
                 return Ok(None);
@@ -445,9 +438,8 @@ impl Ctx {
             let (lease, granted) = self.client.grant(spec.ttl).await.map_err(unavailable)?;
             self.learn_ttl(spec.ttl, granted);
             let value = NodeValue::new(&spec, c.held.registered_unix_ms, "session").encode();
-            let compare =
-                json!({"target": "MOD", "key": k, "mod_revision": c.held.mod_rev.to_string()});
-            let txn = self.client.txn(&put_txn(&k, compare, &value, lease)).await;
+            let cond = Cond::ModRevision(c.held.mod_rev);
+            let txn = self.client.put_if(&k, cond, &value, lease).await;
             match txn {
                 Ok(r) if r.succeeded => {
                     self.revoke_later(c.held.lease);
@@ -493,15 +485,6 @@ fn chunks(m: MirrorMsg) -> Vec<MirrorMsg> {
     }
     out.push(MirrorMsg::Events(events));
     out
-}
-
-/// `if compare then put(k, value, lease) else range(k)`.
-fn put_txn(k: &str, compare: serde_json::Value, value: &[u8], lease: i64) -> serde_json::Value {
-    json!({
-        "compare": [compare],
-        "success": [{"request_put": {"key": k, "value": b64(value), "lease": lease.to_string()}}],
-        "failure": [{"request_range": {"key": k}}],
-    })
 }
 
 fn info(
@@ -921,7 +904,7 @@ impl Owner {
                     last = Some(ev.kv.mod_revision);
                     if ev.is_delete() {
                         self.invalid.remove(&ev.kv.key);
-                        if let Some(key) = self.ctx.cfg.parse_key(&ev.kv.key) {
+                        if let Some(key) = schema::parse_key(&self.ctx.cfg, &ev.kv.key) {
                             self.remove(&key, true);
                         }
                     } else if let Some((key, spec, registered, session)) = self.node_of(&ev.kv) {
@@ -953,7 +936,7 @@ impl Owner {
         let mut differ = 0;
         let mut still_invalid = std::collections::HashSet::new();
         for kv in &kvs {
-            let same = self.ctx.cfg.parse_key(&kv.key).filter(|key| {
+            let same = schema::parse_key(&self.ctx.cfg, &kv.key).filter(|key| {
                 self.held
                     .get(key)
                     .is_some_and(|h| h.mod_rev == kv.mod_revision && h.lease == kv.lease)
