@@ -183,6 +183,12 @@ impl ApiMetrics {
     }
 }
 
+/// Something that writes its own families (a subsystem's stats), for the owner of the page
+/// to call without knowing its type.
+pub trait Render: Send + Sync {
+    fn render(&self, out: &mut Exposition);
+}
+
 /// The one Prometheus text-format writer every subsystem renders with: a family's `# HELP`
 /// and `# TYPE` always go out together, before its samples, and label values are escaped.
 #[derive(Default)]

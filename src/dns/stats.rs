@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::metrics::{Exposition, Kind};
+use crate::metrics::{Exposition, Kind, Render};
 
 /// Query types counted by name; everything else is "other".
 const QTYPES: [(u16, &str); 9] = [
@@ -103,8 +103,9 @@ fn slots(qtype: u16, rcode: u8) -> (usize, usize) {
 pub struct DnsStats {
     udp: Mutex<Vec<Arc<DnsCounters>>>,
     pub tcp: SharedDnsCounters,
-    /// Forwarding's counters, when `--forward` is on.
-    pub forward: std::sync::OnceLock<Arc<super::forward::ForwardStats>>,
+    /// Forwarding's counters, when `--forward` is on (they render themselves: this module
+    /// does not know forwarding's types).
+    pub forward: std::sync::OnceLock<Arc<dyn Render>>,
     /// The published snapshot, for the zones' SOA serials.
     pub snapshot: std::sync::OnceLock<Arc<arc_swap::ArcSwap<super::snapshot::Snapshot>>>,
     /// Zone file loads (the one at start and every SIGHUP): results, and the last good one.

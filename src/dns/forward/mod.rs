@@ -114,8 +114,8 @@ pub struct ForwardStats {
     cache: std::sync::OnceLock<Arc<Cache>>,
 }
 
-impl ForwardStats {
-    pub fn render(&self, out: &mut Exposition) {
+impl crate::metrics::Render for ForwardStats {
+    fn render(&self, out: &mut Exposition) {
         for (name, help, c) in [
             (
                 "rollcall_forward_cache_hits_total",
